@@ -1,0 +1,144 @@
+"""Structured config schemas, registered in Hydra's ConfigStore.
+
+Every YAML file under ``conf/`` is validated against one of these dataclasses, so a misspelt key
+fails when the config is composed, not hours into a run. The YAML files carry the comments a user
+needs; the fields here only fix names and types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # bert
+    size: str = "tiny"  # bert: tiny | mini | small | base | large
+    dropout: float = 0.1  # hidden and attention dropout
+    vocab_size: int = 8192  # WordPiece vocabulary trained on the corpus
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # bundled | text_files | hub
+    sources: list[str] = field(default_factory=list)  # bundled corpora: wiki, shakespeare, bible
+    files: list[str] = field(default_factory=list)  # text_files: local .txt/.json/.parquet files
+    hub_datasets: list[str] = field(default_factory=list)  # hub: dataset ids (paper scale)
+    text_column: str = "text"
+    seq_len: int = 64
+    mlm_probability: float = 0.15
+    eval_fraction: float = 0.05  # held-out share of DOCUMENTS
+    max_documents: int | None = None  # keep only the first N documents (tests, smoke runs)
+    cache_dir: str = ".cache/largebatch"
+    num_workers: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    """Options left at None take the optimizer's own (paper) default from the registry."""
+
+    name: str = MISSING
+    lr: float = MISSING  # peak lr at scaling.ref_batch
+    weight_decay: float = 0.0
+    betas: list[float] | None = None
+    eps: float | None = None
+    momentum: float | None = None
+    nesterov: bool | None = None
+    bias_correction: bool | None = None
+    trust_clip: Any = None  # null | upper | [lower, upper]
+    clamp_weight_norm: float | None = None
+    grad_clip_norm: float | None = None
+    trust_coefficient: float | None = None
+    exclude_from_weight_decay: list[str] | None = None
+    exclude_from_adaptation: list[str] | None = None
+    implementation: str | None = None
+
+
+@dataclass
+class ScalingConfig:
+    rule: str = "none"  # none | linear | sqrt | legw
+    ref_batch: int = 256
+    ref_lr: float = MISSING  # usually ${optimizer.lr}
+    ref_warmup_epochs: float = MISSING  # usually ${schedule.warmup_epochs}
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "linear"  # constant | linear | poly | cosine | exponential | step
+    warmup_epochs: float = 0.0
+    warmup_init_lr: float = 0.0
+    power: float = 1.0
+    end_lr: float = 0.0
+    gamma: float = 0.1
+    milestones: list[float] = field(default_factory=list)  # step decay: epochs
+    decay_start_epoch: float = 0.0  # exponential: epochs before the per-epoch decay begins
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    project: str = "largebatch"
+    entity: str | None = None
+    mode: str = "offline"  # offline | online | disabled
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StageConfig:
+    """One stage of a multi-stage run; unset fields inherit the top-level value."""
+
+    name: str = "stage"
+    batch: int | None = None
+    micro_batch: int | None = None
+    seq_len: int | None = None
+    epochs: float | None = None
+    fraction: float | None = None  # share of the top-level epochs
+    lr: float | None = None  # peak lr of this stage, after scaling
+    warmup_epochs: float | None = None
+    warmup_fraction: float | None = None  # share of this stage
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    scaling: ScalingConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    logger: LoggerConfig = MISSING
+    scale: str = "small"
+    batch: int = 256
+    micro_batch: int | None = None
+    seed: int = 0
+    epochs: float = 1.0
+    stages: list[StageConfig] = field(default_factory=list)
+    eval_every_epochs: float = 0.5
+    eval_max_batches: int | None = None
+    log_every: int = 10
+    precision: str = "no"  # no | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False
+    on_nonfinite: str = "stop"  # stop | skip
+    save_checkpoint: bool = True
+    progress: bool = True
+    per_layer_trust_ratios: bool = False
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for group, node in [
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("optimizer", OptimizerConfig),
+        ("scaling", ScalingConfig),
+        ("schedule", ScheduleConfig),
+        ("logger", LoggerConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
