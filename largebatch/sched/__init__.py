@@ -1,0 +1,23 @@
+"""Batch-size scaling rules and learning-rate schedules (pure Python; no torch, Hydra or transformers).
+
+Typical use, with every duration in epochs::
+
+    spe = steps_per_epoch(num_samples, batch)
+    scaled = apply_scaling("legw", batch=batch, ref_batch=256, ref_lr=1e-3, ref_warmup_epochs=0.1)
+    lr = build_schedule("linear", peak_lr=scaled.lr, total_steps=epochs_to_steps(epochs, spe),
+                        warmup_steps=epochs_to_steps(scaled.warmup_epochs, spe), steps_per_epoch=spe)
+"""
+
+from largebatch.sched.scaling import RULES, Scaled, apply_scaling
+from largebatch.sched.schedules import SCHEDULES, build_schedule
+from largebatch.sched.steps import epochs_to_steps, steps_per_epoch
+
+__all__ = [
+    "RULES",
+    "SCHEDULES",
+    "Scaled",
+    "apply_scaling",
+    "build_schedule",
+    "epochs_to_steps",
+    "steps_per_epoch",
+]
