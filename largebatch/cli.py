@@ -130,7 +130,7 @@ def plan_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", metavar="PNG", help="write the lr schedules of all rows to this PNG")
     parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
                         help="number of processes the run will use (default: $WORLD_SIZE or 1)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
         rows = plan_rows(args.overrides, args.world_size)

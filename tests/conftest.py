@@ -1,0 +1,38 @@
+"""Shared fixtures: the REAL config tree, composed and shrunk to a tiny run."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """One tokenizer/sequence cache for the whole session (the tiny corpus is tokenized once)."""
+    return tmp_path_factory.mktemp("lbcache")
+
+
+@pytest.fixture
+def compose_cfg(data_cache):
+    """compose_cfg(*overrides) -> the real `conf/train.yaml` at scale=tiny, with a test cache."""
+    from largebatch.cli import compose
+
+    def _compose(*overrides: str):
+        base = ["scale=tiny", f"data.cache_dir={data_cache}", "progress=false"]
+        return compose(base + list(overrides))
+
+    return _compose
+
+
+def lb(cmd: str) -> str:
+    """Path of an installed console script of this venv."""
+    return str(BIN / cmd)

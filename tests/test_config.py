@@ -1,0 +1,40 @@
+"""Every option of every config group composes; misspelt keys fail at compose time."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from conftest import REPO
+
+GROUPS = ["model", "data", "optimizer", "scaling", "schedule", "logger", "scale", "experiment"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((REPO / "conf" / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("group", "name"), OPTIONS, ids=[f"{g}={n}" for g, n in OPTIONS])
+def test_every_group_option_composes(compose_cfg, group, name):
+    overrides = [f"{group}={name}"]
+    if (group, name) == ("data", "text_files"):
+        overrides.append("data.files=[corpus.txt]")
+    cfg = compose_cfg(*overrides)
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert resolved["batch"] > 0 and resolved["optimizer"]["lr"] > 0
+
+
+def test_global_batch_override(compose_cfg):
+    assert compose_cfg("batch=32768", "optimizer=adamw", "model=bert").batch == 32768
+
+
+@pytest.mark.parametrize("override", ["optimizer.lrr=1e-3", "model.sise=base", "batchsize=64", "batch=many"])
+def test_misspelt_or_mistyped_key_fails_at_compose(compose_cfg, override):
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(override)
+
+
+def test_scale_presets_and_user_overrides(compose_cfg):
+    tiny = compose_cfg()
+    assert (tiny.scale, tiny.model.size, tiny.data.seq_len) == ("tiny", "tiny", 32)
+    assert compose_cfg("micro_batch=8").micro_batch == 8  # the command line beats the preset
+    paper = compose_cfg("scale=paper")
+    assert (paper.model.size, paper.data.seq_len, paper.precision) == ("large", 128, "bf16")
