@@ -91,17 +91,13 @@ def test_sword_verses_known_text():
     assert web[("Gen", 1, 1)].startswith("In the beginning")
 
 
-def test_sword_module_lookup_by_folder_and_missing_module():
+def test_sword_module_lookup_by_folder_and_missing_module(monkeypatch):
     folder = _sword_module_or_skip("engKJV2006eb", "sword-text-kjv")
     assert sword.module_dir(folder) == folder
     assert sword.sword_verses(folder)[("Gen", 1, 2)].startswith("And the earth was without form")
+    monkeypatch.setattr(sword, "SWORD_ROOTS", ())
     with pytest.raises(DataNotFoundError, match="apt-get install sword-text-sparv"):
-        monkeypatch_roots = sword.SWORD_ROOTS
-        try:
-            sword.SWORD_ROOTS = ()
-            sword.module_dir("spaRV1909eb")
-        finally:
-            sword.SWORD_ROOTS = monkeypatch_roots
+        sword.module_dir("spaRV1909eb")
 
 
 def test_parallel_verses_kjv_spanish():
