@@ -44,14 +44,15 @@ inline float clip_ratio(double num, double den, double lo, double hi) {
 }
 
 // ---------------------------------------------------------------- LAMB
-// hp columns: lr wd b1 b2 inv_bc1 inv_sqrt_bc2 eps gscale clamp_w lo hi adapt
+// hp columns: lr wd b1 b2 1-b1 1-b2 inv_bc1 inv_sqrt_bc2 eps gscale clamp_w lo hi adapt
+// (1-b computed in double by the caller: 1-0.999f in float is off by 1e-5 relative)
 struct LambHp {
-  float lr, wd, b1, b2, inv_bc1, inv_sqrt_bc2, eps, gs; double clamp_w, lo, hi; bool adapt;
+  float lr, wd, b1, b2, c1, c2, inv_bc1, inv_sqrt_bc2, eps, gs; double clamp_w, lo, hi; bool adapt;
 };
 
 inline void lamb_pass1(float* x, const float* g, float* m, float* v, int64_t b, int64_t e,
                        const LambHp& h, double& sx, double& su) {
-  const float c1 = 1.f - h.b1, c2 = 1.f - h.b2;
+  const float c1 = h.c1, c2 = h.c2;
   for (int64_t s = b; s < e; s += kInner) {
     const int64_t t = std::min(s + kInner, e);
     float ax = 0.f, au = 0.f;
@@ -82,7 +83,7 @@ inline void lamb_pass2(float* x, const float* m, const float* v, int64_t b, int6
 
 // Unadapted tensors: one fused pass, exactly Adam with decoupled decay inside the update.
 inline void lamb_plain(float* x, const float* g, float* m, float* v, int64_t b, int64_t e, const LambHp& h) {
-  const float c1 = 1.f - h.b1, c2 = 1.f - h.b2;
+  const float c1 = h.c1, c2 = h.c2;
 #pragma omp simd
   for (int64_t i = b; i < e; ++i) {
     const float gi = g[i] * h.gs;
@@ -96,7 +97,8 @@ inline void lamb_plain(float* x, const float* g, float* m, float* v, int64_t b, 
 
 LambHp lamb_hp(const at::TensorAccessor<double, 2>& a, int64_t k) {
   return LambHp{(float)a[k][0], (float)a[k][1], (float)a[k][2], (float)a[k][3], (float)a[k][4],
-                (float)a[k][5], (float)a[k][6], (float)a[k][7], a[k][8], a[k][9], a[k][10], a[k][11] != 0.0};
+                (float)a[k][5], (float)a[k][6], (float)a[k][7], (float)a[k][8], (float)a[k][9],
+                a[k][10], a[k][11], a[k][12], a[k][13] != 0.0};
 }
 
 float lamb_ratio(double sx, double su, const LambHp& h) {
@@ -104,21 +106,22 @@ float lamb_ratio(double sx, double su, const LambHp& h) {
 }
 
 // ---------------------------------------------------------------- LARS
-// hp columns: lr wd momentum nesterov coeff eps gscale clamp_w lo hi adapt mode
+// hp columns: lr wd momentum nesterov coeff eps gscale clamp_w lo hi adapt mode 1-momentum
 // mode 0: LARS 2017 (ratio on g + wd*x before momentum), 1: LARC (ratio/lr clipped), 2: LAMB paper Alg. 1
 struct LarsHp {
-  float lr, wd, mom, coeff, eps, gs; double clamp_w, lo, hi; bool nesterov, adapt; int mode;
+  float lr, wd, mom, coeff, eps, gs; double clamp_w, lo, hi; bool nesterov, adapt; int mode; float c1;
 };
 
 LarsHp lars_hp(const at::TensorAccessor<double, 2>& a, int64_t k) {
   return LarsHp{(float)a[k][0], (float)a[k][1], (float)a[k][2], (float)a[k][4], (float)a[k][5],
-                (float)a[k][6], a[k][7], a[k][8], a[k][9], a[k][3] != 0.0, a[k][10] != 0.0, (int)a[k][11]};
+                (float)a[k][6], a[k][7], a[k][8], a[k][9], a[k][3] != 0.0, a[k][10] != 0.0, (int)a[k][11],
+                (float)a[k][12]};
 }
 
 // pass 1: mode 0/1 reads x, g -> ||x||^2, ||g||^2; mode 2 also updates m -> ||x||^2, ||m||^2.
 inline void lars_pass1(const float* x, const float* g, float* buf, int64_t b, int64_t e, const LarsHp& h,
                        double& sx, double& sy) {
-  const float c1 = 1.f - h.mom;
+  const float c1 = h.c1;
   for (int64_t s = b; s < e; s += kInner) {
     const int64_t t = std::min(s + kInner, e);
     float ax = 0.f, ay = 0.f;
@@ -175,9 +178,9 @@ inline void lars_pass2(float* x, const float* g, float* buf, int64_t b, int64_t 
 float lars_ratio(double sx, double sy, const LarsHp& h) {
   const double xn = std::min(std::sqrt(sx), h.clamp_w), yn = std::sqrt(sy);
   if (h.mode == 2) return clip_ratio(h.coeff * xn, yn, h.lo, h.hi);
-  const double den = yn + h.wd * xn + h.eps;
+  const double den = yn + h.wd * xn;  // eps only guards the division, not the zero rule
   if (!(xn > 0.0 && den > 0.0)) return (float)std::min(std::max(1.0, h.lo), h.hi);
-  double r = h.coeff * xn / den;
+  double r = h.coeff * xn / (den + h.eps);
   if (h.mode == 1) r /= h.lr;  // LARC: the clip applies to local_lr / lr
   return (float)std::min(std::max(r, h.lo), h.hi);
 }

@@ -140,7 +140,7 @@ class Lamb(torch.optim.Optimizer):
             bc1, bc2 = (1 - b1**t, 1 - b2**t) if group["bias_correction"] else (1.0, 1.0)
             lo, hi = _common.parse_trust_clip(group["trust_clip"])
             clamp_w = math.inf if group["clamp_weight_norm"] is None else group["clamp_weight_norm"]
-            row = [group["lr"], group["weight_decay"], b1, b2, 1 / bc1, 1 / math.sqrt(bc2), group["eps"],
+            row = [group["lr"], group["weight_decay"], b1, b2, 1 - b1, 1 - b2, 1 / bc1, 1 / math.sqrt(bc2), group["eps"],
                    scale, clamp_w, lo, hi, float(bool(group["adapt"]))]
             rows += [row] * len(ps)
             adapt_mask += [bool(group["adapt"])] * len(ps)

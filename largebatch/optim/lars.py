@@ -140,7 +140,7 @@ class Lars(torch.optim.Optimizer):
             clamp_w = math.inf if group["clamp_weight_norm"] is None else group["clamp_weight_norm"]
             row = [group["lr"], group["weight_decay"], group["momentum"], float(group["nesterov"]),
                    group["trust_coefficient"], group["eps"], scale, clamp_w, lo, hi,
-                   float(bool(group["adapt"])), MODES[group["mode"]]]
+                   float(bool(group["adapt"])), MODES[group["mode"]], 1 - group["momentum"]]
             rows += [row] * len(ps)
             adapt_mask += [bool(group["adapt"])] * len(ps)
             xs += ps
@@ -171,9 +171,9 @@ def _foreach_lars(group, xs, gs, bufs, scale) -> torch.Tensor | None:
         return ratios
     if group["adapt"]:
         x_norm = _x_norms(group, xs)
-        den = _common.stacked_norms(gs) + wd * x_norm + group["eps"]
-        ok = (x_norm > 0) & (den > 0)
-        local = group["trust_coefficient"] * x_norm / torch.where(ok, den, torch.ones_like(den))
+        den = _common.stacked_norms(gs) + wd * x_norm
+        ok = (x_norm > 0) & (den > 0)  # eps only guards the division, not the zero rule
+        local = group["trust_coefficient"] * x_norm / (den + group["eps"])
         if mode == "larc":
             local = local / lr
         ratios = torch.where(ok, local, torch.ones_like(local)).clamp(min=lo, max=hi)
