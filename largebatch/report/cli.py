@@ -1,0 +1,64 @@
+"""`lb-report`: turn run folders into a results folder.
+
+    lb-report outputs/multiruns/2026-11-25_22-00-00 [MORE ...] --out results/lamb_table1 \
+        [--title T] [--notes TEXT] [--unigram-from-config RUN_DIR] [--tolerance 0.05] [--no-paper]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from largebatch.report.runs import collect_runs
+from largebatch.report.write import write_report
+
+
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lb-report", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="sweep folders and/or run folders (searched recursively)")
+    parser.add_argument("--out", type=Path, default=Path("results/lamb_table1"), help="results folder to write")
+    parser.add_argument("--title", default="LAMB Table 1 at reduced scale")
+    parser.add_argument("--notes", default=None, help="a paragraph printed under the title")
+    parser.add_argument("--unigram-from-config", type=Path, default=None, metavar="RUN_DIR",
+                        help="a run folder whose config.yaml defines the data; adds the unigram baseline")
+    parser.add_argument("--tolerance", type=float, default=0.05,
+                        help="largest rise of eval loss (nats) from the base to the top batch still called flat")
+    parser.add_argument("--candidate", default="lamb", help="optimizer whose scaling is judged")
+    parser.add_argument("--baseline", default="adamw", help="optimizer it is judged against")
+    parser.add_argument("--no-paper", action="store_true", help="leave out the paper's Table 1")
+    args = parser.parse_args(argv)
+
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        _fail(f"no such folder: {', '.join(missing)}")
+    rows = collect_runs(args.paths)
+    if not rows:
+        _fail(f"no run folders (a folder with config.yaml) under {', '.join(map(str, args.paths))}")
+    unigram = None
+    if args.unigram_from_config is not None:
+        from largebatch.report.unigram import unigram_baseline_from_run
+
+        try:
+            unigram = unigram_baseline_from_run(args.unigram_from_config)
+        except FileNotFoundError as e:
+            _fail(str(e))
+
+    from largebatch.tracking import git_state
+
+    argv_used = sys.argv[1:] if argv is None else argv
+    provenance = {"report_command": shlex.join(["lb-report", *map(str, argv_used)]), "report_git": git_state(),
+                  "inputs": [str(p) for p in args.paths]}
+    files = write_report(rows, args.out, unigram=unigram, paper_table=not args.no_paper, title=args.title,
+                         notes=args.notes, provenance=provenance, candidate=args.candidate, baseline=args.baseline,
+                         tolerance=args.tolerance)
+    done = sum(r["status"] == "ok" for r in rows)
+    print(f"{len(rows)} run(s) ({done} finished, {len(rows) - done} failed or unfinished) -> {args.out}: "
+          + ", ".join(files))
+    return 0

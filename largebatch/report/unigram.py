@@ -1,0 +1,91 @@
+"""The floor every masked-LM run must clear: guess each masked token from unigram frequencies alone.
+
+p(t) = (count_train(t) + 1) / (N + V) over the V ids of the vocabulary that are not special tokens
+(add-one / Laplace smoothing, so an eval token never seen in training still gets a finite loss; N is
+the number of non-special training tokens). The loss is the mean of -ln p(target) over the masked eval
+targets; the accuracy is the share of targets equal to the most frequent training token (ties: the
+smallest id). A model whose eval loss is not below this has learned nothing beyond token frequencies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100  # label of unmasked positions (largebatch.models.bert.IGNORE_INDEX)
+
+
+def _ids(x) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+    return t.reshape(-1).long()
+
+
+def unigram_baseline(train_labels_or_token_ids, eval_targets, *, vocab_size: int | None = None,
+                     exclude_ids=()) -> dict:
+    """Cross-entropy (nats) and accuracy of the smoothed training unigram on ``eval_targets``.
+
+    Both inputs may be tensors or nested lists of ids; negative ids (the -100 of unmasked label
+    positions) are dropped. ``exclude_ids`` (special tokens) are neither counted nor predicted.
+    ``vocab_size`` defaults to the largest id seen + 1.
+    """
+    train, targets = _ids(train_labels_or_token_ids), _ids(eval_targets)
+    train, targets = train[train >= 0], targets[targets >= 0]
+    if targets.numel() == 0:
+        raise ValueError("no eval targets (every label is -100)")
+    if vocab_size is None:
+        vocab_size = int(max(train.max().item() if train.numel() else 0, targets.max().item())) + 1
+    excluded = torch.zeros(vocab_size, dtype=torch.bool)
+    excluded[[i for i in exclude_ids if 0 <= i < vocab_size]] = True
+    if excluded[targets].any():
+        raise ValueError("an eval target is an excluded (special) id; masked targets never are")
+    counts = torch.bincount(train, minlength=vocab_size).double()
+    counts[excluded] = 0
+    support = int((~excluded).sum())
+    probs = (counts + 1) / (counts.sum() + support)
+    probs[excluded] = 0
+    best = int(torch.argmax(torch.where(excluded, -1.0, counts)))  # first maximum: the smallest id on ties
+    return {"loss": float(-torch.log(probs[targets]).mean()), "accuracy": float((targets == best).double().mean()),
+            "eval_tokens": int(targets.numel()), "train_tokens": int(counts.sum()), "vocab": support}
+
+
+def unigram_baseline_from_data(data, max_eval_samples: int | None = None) -> dict:
+    """From a :class:`largebatch.data.MLMData`: its training sequences and its fixed eval masks, limited
+    to the first ``max_eval_samples`` eval sequences when the runs scored only those (eval_max_batches)."""
+    count = len(data.eval) if max_eval_samples is None else min(len(data.eval), max_eval_samples)
+    labels = torch.cat([data.eval[i]["labels"].reshape(-1) for i in range(count)])
+    targets = labels[labels != IGNORE_INDEX]
+    return unigram_baseline(data.train.sequences, targets, vocab_size=len(data.tokenizer),
+                            exclude_ids=data.tokenizer.all_special_ids)
+
+
+def unigram_baseline_from_run(run_dir: Path) -> dict:
+    """Rebuild (or load from the cache) the data a run's config.yaml defines and score the unigram on
+    the eval sequences that run scored: its last stage's sequence length, and with ``eval_max_batches``
+    set, the first world_size * eval_max_batches * micro_batch sequences (what ``train.evaluate`` takes).
+    ``matches_run_eval_tokens`` says whether the masked-token count equals the run's own eval/tokens."""
+    from omegaconf import OmegaConf
+
+    from largebatch.data import build_mlm_data
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    plan = _read_json(run_dir / "plan.json")
+    seq_len = plan[-1]["seq_len"] if plan else cfg.data.seq_len
+    max_eval = None
+    if cfg.get("eval_max_batches") is not None:
+        if not plan:
+            raise FileNotFoundError(f"{run_dir} has no plan.json: cannot tell which eval batches it scored")
+        max_eval = plan[-1]["world_size"] * cfg.eval_max_batches * plan[-1]["micro_batch"]
+    data = build_mlm_data(cfg.data, cfg.model.vocab_size, seq_len, cfg.seed)
+    result = unigram_baseline_from_data(data, max_eval)
+    run_tokens = (_read_json(run_dir / "summary.json") or {}).get("eval/tokens")
+    return {**result, "seq_len": seq_len, "source": str(run_dir),
+            "matches_run_eval_tokens": None if run_tokens is None else run_tokens == result["eval_tokens"]}
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
