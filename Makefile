@@ -7,9 +7,11 @@ STAMP := $(VENV)/.installed
 # torch and torchvision that pair (CUDA build; runs on CPU too). Override for another platform.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+SCALE ?= small
+SEEDS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install train smoke test test-slow lint bench clean
+.PHONY: help install train smoke test test-slow lint bench clean reproduce-table1
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
@@ -28,6 +30,9 @@ $(STAMP): pyproject.toml scripts/install_system_data.sh
 
 train: $(STAMP) ## the main job: BERT masked-LM on the bundled corpus, prints eval metrics
 	$(BIN)/lb-train
+
+reproduce-table1: $(STAMP) ## LAMB Table 1: SCALE=smoke|small|paper (small -> results/lamb_table1/), SEEDS=n
+	$(PY) scripts/reproduce_table1.py --scale $(SCALE) --seeds $(SEEDS)
 
 smoke: $(STAMP) ## a few seconds of training on a tiny config
 	$(BIN)/lb-train scale=tiny progress=false

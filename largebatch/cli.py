@@ -20,7 +20,9 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from largebatch.config import register_configs
 from largebatch.errors import LargebatchError
@@ -33,8 +35,8 @@ CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve
 register_configs()
 
 
-def _fail(error: LargebatchError):
-    print(f"error: {error}", file=sys.stderr)
+def _fail(error: Exception):
+    print(f"error: {str(error).split(chr(10) + 'Config search path')[0].strip()}", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -134,7 +136,7 @@ def plan_main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     try:
         rows = plan_rows(args.overrides, args.world_size)
-    except LargebatchError as error:
+    except (LargebatchError, HydraException, OmegaConfBaseException) as error:
         _fail(error)
 
     from largebatch.plan import format_plan

@@ -121,6 +121,7 @@ class TrainConfig:
     stages: list[StageConfig] = field(default_factory=list)
     eval_every_epochs: float = 0.5
     eval_max_batches: int | None = None
+    eval_batch: int = 64
     log_every: int = 10
     precision: str = "no"  # no | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda

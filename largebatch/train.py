@@ -64,11 +64,13 @@ def global_norm(tensors) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, micro_batch: int, accelerator, max_batches: int | None) -> dict:
-    """Masked-token loss and accuracy over the held-out split (sharded over ranks, then summed)."""
+def evaluate(model, dataset, eval_batch: int, accelerator, max_batches: int | None) -> dict:
+    """Masked-token loss and accuracy over the first max_batches x eval_batch held-out sequences
+    (the same ones whatever the world size: they are sharded over ranks, then the sums reduced)."""
     model.eval()
-    indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
-    batches = [indices[i:i + micro_batch] for i in range(0, len(indices), micro_batch)][:max_batches]
+    limit = len(dataset) if max_batches is None else min(len(dataset), max_batches * eval_batch)
+    indices = list(range(accelerator.process_index, limit, accelerator.num_processes))
+    batches = [indices[i:i + eval_batch] for i in range(0, len(indices), eval_batch)]
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     for idx in batches:
         batch = {k: v.to(accelerator.device) for k, v in torch.utils.data.default_collate(
@@ -205,7 +207,7 @@ def train(cfg, run_dir: Path) -> dict:
             end_of_stage = stage_step + 1 == plan.total_steps
             if samples // eval_every > (samples - plan.batch) // eval_every or end_of_stage:
                 eval_started = time.perf_counter()
-                last_eval = evaluate(model, eval_set, plan.micro_batch, accelerator, cfg.eval_max_batches)
+                last_eval = evaluate(model, eval_set, cfg.eval_batch, accelerator, cfg.eval_max_batches)
                 recorder.log({"step": step, "stage": plan.name, "samples": samples, **last_eval})
                 window["time"] += time.perf_counter() - eval_started  # throughput excludes evaluation
     bar.close()
