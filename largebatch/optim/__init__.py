@@ -91,7 +91,7 @@ def create_optimizer(
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; registered: {', '.join(OPTIMIZERS)}")
     spec = OPTIMIZERS[name]
-    unknown = sorted(k for k in options if k not in spec.defaults)
+    unknown = sorted(k for k, v in options.items() if k not in spec.defaults and v is not None)
     if unknown:
         raise ValueError(f"optimizer {name!r} does not take option(s) {unknown}; valid options: "
                          f"{', '.join(spec.defaults)}")
