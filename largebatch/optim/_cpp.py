@@ -28,6 +28,7 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -35,7 +36,7 @@ _SOURCE = r"""
 namespace {
 constexpr int64_t kBlock = 1 << 15;   // reduction block: fixed, so sums are thread-count independent
 constexpr int64_t kInner = 1024;      // float accumulation run before adding into a double
-constexpr int64_t kSmall = 1 << 16;   // tensors below this size are done whole by one thread
+constexpr int64_t kSmall = 1 << 16;   // below this much work in all, no threads are started
 
 // Ratio := 1 when either norm is 0 (LAMB paper; timm; apex), then clipped to [lo, hi].
 inline float clip_ratio(double num, double den, double lo, double hi) {
@@ -187,7 +188,11 @@ float lars_ratio(double sx, double sy, const LarsHp& h) {
 
 float* fptr(const torch::Tensor& t) { return t.data_ptr<float>(); }
 
-// Generic driver: small tensors in parallel over tensors, large ones block-parallel with two passes.
+// Generic driver. Whole tensors are handed out to threads from a queue, biggest first: each thread
+// does both passes of its tensor with no synchronisation, so one descheduled thread (a busy machine)
+// never stalls the others at a barrier. Only tensors bigger than one thread's share of the total work
+// are split into blocks across threads (two parallel regions each). Norms are always summed per
+// 32k-element block and then in block order, so results do not depend on the thread count or split.
 template <class Hp, class MakeHp, class Pass1, class Pass2, class Plain, class Ratio>
 torch::Tensor run(int64_t n, const torch::Tensor& hp, MakeHp make_hp, Pass1 pass1, Pass2 pass2, Plain plain,
                   Ratio ratio_of, const std::vector<torch::Tensor>& xs) {
@@ -195,21 +200,38 @@ torch::Tensor run(int64_t n, const torch::Tensor& hp, MakeHp make_hp, Pass1 pass
   auto hpa = hp.accessor<double, 2>();
   auto ratios = torch::ones({n}, torch::kFloat32);
   float* rp = ratios.data_ptr<float>();
-  std::vector<int64_t> small, large;
-  for (int64_t k = 0; k < n; ++k) (xs[k].numel() < kSmall ? small : large).push_back(k);
-  at::parallel_for(0, (int64_t)small.size(), 1, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) {
-      const int64_t k = small[j];
-      const Hp h = make_hp(hpa, k);
-      const int64_t ne = xs[k].numel();
-      if (!h.adapt) { plain(k, 0, ne, h); continue; }
-      double s1 = 0.0, s2 = 0.0;
-      pass1(k, 0, ne, h, s1, s2);
-      rp[k] = ratio_of(s1, s2, h);
-      pass2(k, 0, ne, h, rp[k]);
+  int64_t total = 0;
+  for (int64_t k = 0; k < n; ++k) total += xs[k].numel();
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t share = std::max<int64_t>(kSmall, total / nth);
+  std::vector<int64_t> whole, split;
+  for (int64_t k = 0; k < n; ++k) (xs[k].numel() > share ? split : whole).push_back(k);
+  std::stable_sort(whole.begin(), whole.end(), [&](int64_t a, int64_t b) { return xs[a].numel() > xs[b].numel(); });
+
+  auto do_whole = [&](int64_t k) {
+    const Hp h = make_hp(hpa, k);
+    const int64_t ne = xs[k].numel(), nb = (ne + kBlock - 1) / kBlock;
+    if (!h.adapt) { plain(k, 0, ne, h); return; }
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      double b1 = 0.0, b2 = 0.0;
+      pass1(k, blk * kBlock, std::min((blk + 1) * kBlock, ne), h, b1, b2);
+      s1 += b1;
+      s2 += b2;
     }
-  });
-  for (int64_t k : large) {
+    const float r = rp[k] = ratio_of(s1, s2, h);
+    for (int64_t blk = nb - 1; blk >= 0; --blk)  // reverse: the tail of pass 1 is still cached
+      pass2(k, blk * kBlock, std::min((blk + 1) * kBlock, ne), h, r);
+  };
+  if (nth == 1 || total < kSmall) {
+    for (int64_t k : whole) do_whole(k);
+  } else {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
+      for (int64_t j = next++; j < (int64_t)whole.size(); j = next++) do_whole(whole[j]);
+    });
+  }
+  for (int64_t k : split) {
     const Hp h = make_hp(hpa, k);
     const int64_t ne = xs[k].numel(), nb = (ne + kBlock - 1) / kBlock;
     if (!h.adapt) {
@@ -227,7 +249,7 @@ torch::Tensor run(int64_t n, const torch::Tensor& hp, MakeHp make_hp, Pass1 pass
     for (int64_t blk = 0; blk < nb; ++blk) { s1 += p1[blk]; s2 += p2[blk]; }
     const float r = rp[k] = ratio_of(s1, s2, h);
     at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
-      for (int64_t blk = e - 1; blk >= b; --blk)  // reverse: the tail of pass 1 is still cached
+      for (int64_t blk = e - 1; blk >= b; --blk)
         pass2(k, blk * kBlock, std::min((blk + 1) * kBlock, ne), h, r);
     });
   }
@@ -280,7 +302,7 @@ torch::Tensor lars_step(std::vector<torch::Tensor> xs, std::vector<torch::Tensor
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]  # no errno: sqrt vectorises
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
