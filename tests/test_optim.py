@@ -403,6 +403,12 @@ def test_auto_falls_back_when_the_build_fails(monkeypatch, caplog):
         create_optimizer(model, "lars", 0.01, implementation="cpp").step()
 
 
+def test_build_cpu_kernels_reports_the_build(cpp_ok):
+    from largebatch.optim import build_cpu_kernels
+
+    assert build_cpu_kernels() is cpp_ok
+
+
 def test_non_fp32_params_use_foreach():
     model = make_model().double()
     loss_grads(model, torch.randint(0, 12, (4, 5)), torch.randn(4, 3, dtype=torch.float64))

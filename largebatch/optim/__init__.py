@@ -23,8 +23,16 @@ from .lamb import Lamb
 from .lars import Lars
 from .param_groups import build_param_groups, describe_groups
 
-__all__ = ["OPTIMIZERS", "Lamb", "Lars", "OptimizerSpec", "build_param_groups", "create_optimizer",
-           "describe_groups", "trust_ratio_stats"]
+__all__ = ["OPTIMIZERS", "Lamb", "Lars", "OptimizerSpec", "build_cpu_kernels", "build_param_groups",
+           "create_optimizer", "describe_groups", "trust_ratio_stats"]
+
+
+def build_cpu_kernels() -> bool:
+    """Build (or load from torch's extension cache) the C++ CPU kernels now, e.g. before timing starts;
+    otherwise the first CPU step of LAMB/LARS does it. False if the build failed (foreach is used)."""
+    from . import _cpp
+
+    return _cpp.load() is not None
 
 
 @dataclass(frozen=True)

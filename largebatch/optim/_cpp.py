@@ -3,9 +3,11 @@
 Why a kernel: on CPU an optimizer step over BERT-base is bound by memory bandwidth. The multi-tensor
 (``torch._foreach_*``) path streams every tensor through memory once per elementwise op; this kernel
 touches each element twice (pass 1: moments + the two norms, pass 2: the update), which is the floor for
-a trust-ratio method. All tensors go to ONE call, small ones spread over threads, large ones split into
-fixed 32k-element blocks: per-block partial sums are added in block order, so the norms do not depend on
-the number of threads. Pass 2 walks each thread's blocks in reverse so that the tail pass 1 just touched
+a trust-ratio method. All tensors go to ONE call. Threads take whole tensors from a queue (biggest
+first) and do both passes alone, so there is no barrier per tensor: on a shared, oversubscribed machine a
+descheduled thread no longer stalls the others. Only a tensor bigger than one thread's share of the work
+is split across threads. Norms are summed per fixed 32k-element block, then in block order, so results do
+not depend on the thread count. Pass 2 walks the blocks in reverse so that the tail pass 1 just touched
 is still in cache.
 
 The build happens on the first CPU step (or :func:`load`), never at import; it takes ~20 s once and is
