@@ -343,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, help="default: 32")
     parser.add_argument("--max-train", type=int, help="first N training examples (classification: 8000)")
     parser.add_argument("--max-eval", type=int, help="first N eval examples (classification: 2000)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    # 1 by default: on the shared 2-core box, 2 threads ran 4-9x slower (oversubscribed), same accuracy.
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch's)")
     args = parser.parse_args(argv)
     try:
         if bool(args.squad_train) != bool(args.squad_dev):
