@@ -37,6 +37,7 @@ class DataConfig:
     cache_dir: str = ".cache/largebatch"
     num_workers: int = 0
     train_samples: int | None = None  # declared training-set size (sequences), for lb-plan without the data
+    train_multiple_of: int | None = None  # truncate the training set to a multiple of this (batch ladders)
 
 
 @dataclass

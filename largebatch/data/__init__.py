@@ -96,8 +96,11 @@ def build_mlm_data(data_cfg, vocab_size: int, seq_len: int, seed: int) -> MLMDat
         vocab_size=len(tokenizer),
         mlm_probability=data_cfg.mlm_probability,
     )
+    train = splits["train"]
+    if data_cfg.train_multiple_of:  # every batch of a ladder then divides the epoch: no rung drops a tail
+        train = train[: len(train) - len(train) % data_cfg.train_multiple_of]
     return MLMData(
-        train=MaskedLMDataset(splits["train"], seed=seed, **common),
+        train=MaskedLMDataset(train, seed=seed, **common),
         # Fixed masks for evaluation: every run and every eval point scores the same tokens.
         eval=MaskedLMDataset(splits["eval"], seed=SPLIT_SEED, **common),
         tokenizer=tokenizer,
