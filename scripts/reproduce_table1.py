@@ -1,7 +1,7 @@
 """Reproduce LAMB's Table 1 (arXiv 1904.00962): `make reproduce-table1 SCALE=smoke|small|paper`.
 
   1. base-lr sweep: each optimizer's base lr is chosen ONCE, by final eval loss at the base batch on a
-     quarter of the sample budget (the paper's "untuned" protocol: no tuning at the other rungs);
+     eighth of the sample budget (the paper's "untuned" protocol: no tuning at the other rungs);
   2. the batch ladder (LAMB and AdamW at every rung, LARS at base/middle/top) and the mixed-batch row
      (two stages, re-warmup), all with the same samples in the same order;
   3. downstream: every pretrained checkpoint fine-tuned with one fixed recipe on a bundled
@@ -41,11 +41,15 @@ SCALES = {
         finetune=["--max-train", "64", "--max-eval", "64", "--threads", "0"]),
     "small": dict(  # about an hour on 2 cores: the committed results
         ladder=[4, 16, 64, 256], lars=[4, 64, 256],
-        sweep=(0.25, {"lamb": [3e-4, 1e-3, 3e-3], "adamw": [3e-5, 1e-4, 3e-4], "lars_paper": [3e-4, 1e-3, 3e-3]}),
+        sweep=(0.125, {"lamb": [3e-4, 1e-3, 3e-3], "adamw": [3e-5, 1e-4, 3e-4], "lars_paper": [3e-4, 1e-3, 3e-3]}),
         results="results/lamb_table1", train=[], mixed=["stages.1.warmup_fraction=0.128"], lrs=None,
         finetune=["--threads", "0"]),
 }
 log = logging.getLogger("reproduce_table1")
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 class Runner:
@@ -54,10 +58,10 @@ class Runner:
 
     def train(self, overrides: list[str], run_dir: Path, experiment: str = "lamb_table1") -> dict:
         overrides = [f"experiment={experiment}", "progress=false", *overrides]
-        log.info("+ lb-train %s hydra.run.dir=%s", " ".join(overrides), run_dir.relative_to(REPO))
+        log.info("+ lb-train %s hydra.run.dir=%s", " ".join(overrides), rel(run_dir))
         started = time.perf_counter()
         summary = train(compose(overrides), run_dir)
-        self.steps.append({"command": "lb-train " + " ".join(overrides), "run_dir": str(run_dir.relative_to(REPO)),
+        self.steps.append({"command": "lb-train " + " ".join(overrides), "run_dir": rel(run_dir),
                            "seconds": round(time.perf_counter() - started, 1)})
         return summary
 
@@ -91,13 +95,14 @@ def main(argv=None) -> Path:
     parser.add_argument("--scale", choices=[*SCALES, "paper"], default="small")
     parser.add_argument("--seeds", type=int, default=1, help="seeds of the top two rungs (LAMB and AdamW)")
     parser.add_argument("--out", help="results folder (default: the scale's)")
+    parser.add_argument("--work", help="folder for the runs themselves (default: outputs/lamb_table1/<scale>_<time>)")
     args = parser.parse_args(argv)
     if args.scale == "paper":
         sys.exit("SCALE=paper needs GPUs/TPUs and the paper's data: run the `accelerate launch` commands of "
                  "experiments/lamb_table1/README.md (and `lb-plan experiment=lamb_table1_paper ...` to see them)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     scale = SCALES[args.scale]
-    out = REPO / "outputs" / "lamb_table1" / f"{args.scale}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    out = Path(args.work) if args.work else REPO / "outputs" / "lamb_table1" / f"{args.scale}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     runs = out / "runs"
     runner = Runner(out)
     started = time.perf_counter()
@@ -143,7 +148,7 @@ def main(argv=None) -> Path:
     wall = time.perf_counter() - started
     (results / "reproduce.json").write_text(json.dumps({
         "command": f"make reproduce-table1 SCALE={args.scale} SEEDS={args.seeds}", "wall_time_s": round(wall, 1),
-        "base_lrs": lrs, "run_folder": str(out.relative_to(REPO)), "steps": runner.steps,
+        "base_lrs": lrs, "run_folder": rel(out), "steps": runner.steps,
     }, indent=2) + "\n")
     report.main([str(results / "runs"), "--out", str(results), "--title",
                  f"LAMB Table 1 at reduced scale ({args.scale}): {wall / 60:.1f} minutes on this machine",
