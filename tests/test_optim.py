@@ -19,6 +19,15 @@ from largebatch.optim import OPTIMIZERS, _common, _cpp, create_optimizer, trust_
 INF = math.inf
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: threads only add OpenMP start-up cost, which explodes on a shared, busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def cpp_ok():
     return _cpp.load() is not None
@@ -201,6 +210,33 @@ def test_cpp_and_foreach_agree(cpp_ok):
         b, _, _ = run_pair(case, "foreach", steps=20)
         for pa, pb in zip(a.parameters(), b.parameters()):
             assert float((pa - pb).detach().norm() / pb.detach().norm()) <= 2e-6, case
+
+
+def test_cpp_threaded_paths_match_foreach(cpp_ok):
+    """With 2 threads the kernel splits the tensor above a thread's share and queues the others."""
+    if not cpp_ok:
+        pytest.skip("C++ kernel unavailable")
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(600, 600), (300, 300), (1000,), (70000,)]
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    torch.set_num_threads(2)
+    try:
+        for name in ("lamb", "lars", "lars_paper"):
+            out = {}
+            for impl in ("cpp", "foreach"):
+                ps = [nn.Parameter(x.clone()) for x in init]
+                groups = [{"params": ps[:3]}, {"params": ps[3:], "adapt": False, "weight_decay": 0.0}]
+                opt = create_optimizer(groups, name, 0.01, weight_decay=0.01, implementation=impl)
+                for step_grads in grads:
+                    for p, g in zip(ps, step_grads):
+                        p.grad = g
+                    opt.step()
+                out[impl] = ps
+            for a, b in zip(out["cpp"], out["foreach"]):
+                assert float((a - b).detach().norm() / b.detach().norm()) <= 2e-6, name
+    finally:
+        torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------- edge cases

@@ -9,6 +9,15 @@ from omegaconf import OmegaConf
 
 from largebatch.optim import OPTIMIZERS, create_optimizer
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: OpenMP start-up only costs on a busy machine
+    yield
+    torch.set_num_threads(before)
+
+
 NAMES = sorted(p.stem for p in (REPO / "conf" / "optimizer").glob("*.yaml"))
 
 

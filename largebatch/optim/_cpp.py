@@ -53,20 +53,21 @@ struct LambHp {
   float lr, wd, b1, b2, c1, c2, inv_bc1, inv_sqrt_bc2, eps, gs; double clamp_w, lo, hi; bool adapt;
 };
 
-inline void lamb_pass1(float* x, const float* g, float* m, float* v, int64_t b, int64_t e,
-                       const LambHp& h, double& sx, double& su) {
-  const float c1 = h.c1, c2 = h.c2;
+inline void lamb_pass1(float* __restrict x, const float* __restrict g, float* __restrict m, float* __restrict v,
+                       int64_t b, int64_t e, const LambHp& h, double& sx, double& su) {
+  const float c1 = h.c1, c2 = h.c2, b1 = h.b1, b2 = h.b2, gs = h.gs;
+  const float ib1 = h.inv_bc1, isb2 = h.inv_sqrt_bc2, eps = h.eps, wd = h.wd;
   for (int64_t s = b; s < e; s += kInner) {
     const int64_t t = std::min(s + kInner, e);
     float ax = 0.f, au = 0.f;
 #pragma omp simd reduction(+ : ax, au)
     for (int64_t i = s; i < t; ++i) {
-      const float gi = g[i] * h.gs;
-      const float mi = h.b1 * m[i] + c1 * gi;
-      const float vi = h.b2 * v[i] + c2 * gi * gi;
+      const float gi = g[i] * gs;
+      const float mi = b1 * m[i] + c1 * gi;
+      const float vi = b2 * v[i] + c2 * gi * gi;
       m[i] = mi;
       v[i] = vi;
-      const float u = mi * h.inv_bc1 / (std::sqrt(vi) * h.inv_sqrt_bc2 + h.eps) + h.wd * x[i];
+      const float u = mi * ib1 / (std::sqrt(vi) * isb2 + eps) + wd * x[i];
       ax += x[i] * x[i];
       au += u * u;
     }
@@ -75,11 +76,12 @@ inline void lamb_pass1(float* x, const float* g, float* m, float* v, int64_t b, 
   }
 }
 
-inline void lamb_pass2(float* x, const float* m, const float* v, int64_t b, int64_t e, const LambHp& h,
-                       float step) {
+inline void lamb_pass2(float* __restrict x, const float* __restrict m, const float* __restrict v, int64_t b,
+                       int64_t e, const LambHp& h, float step) {
+  const float ib1 = h.inv_bc1, isb2 = h.inv_sqrt_bc2, eps = h.eps, wd = h.wd;
 #pragma omp simd
   for (int64_t i = b; i < e; ++i) {
-    const float u = m[i] * h.inv_bc1 / (std::sqrt(v[i]) * h.inv_sqrt_bc2 + h.eps) + h.wd * x[i];
+    const float u = m[i] * ib1 / (std::sqrt(v[i]) * isb2 + eps) + wd * x[i];
     x[i] -= step * u;
   }
 }
@@ -122,16 +124,16 @@ LarsHp lars_hp(const at::TensorAccessor<double, 2>& a, int64_t k) {
 }
 
 // pass 1: mode 0/1 reads x, g -> ||x||^2, ||g||^2; mode 2 also updates m -> ||x||^2, ||m||^2.
-inline void lars_pass1(const float* x, const float* g, float* buf, int64_t b, int64_t e, const LarsHp& h,
-                       double& sx, double& sy) {
-  const float c1 = h.c1;
+inline void lars_pass1(const float* __restrict x, const float* __restrict g, float* __restrict buf, int64_t b,
+                       int64_t e, const LarsHp& h, double& sx, double& sy) {
+  const float c1 = h.c1, mom = h.mom, gs = h.gs, wd = h.wd;
   for (int64_t s = b; s < e; s += kInner) {
     const int64_t t = std::min(s + kInner, e);
     float ax = 0.f, ay = 0.f;
     if (h.mode == 2) {
 #pragma omp simd reduction(+ : ax, ay)
       for (int64_t i = s; i < t; ++i) {
-        const float mi = h.mom * buf[i] + c1 * (g[i] * h.gs + h.wd * x[i]);
+        const float mi = mom * buf[i] + c1 * (g[i] * gs + wd * x[i]);
         buf[i] = mi;
         ax += x[i] * x[i];
         ay += mi * mi;
@@ -139,7 +141,7 @@ inline void lars_pass1(const float* x, const float* g, float* buf, int64_t b, in
     } else {
 #pragma omp simd reduction(+ : ax, ay)
       for (int64_t i = s; i < t; ++i) {
-        const float gi = g[i] * h.gs;
+        const float gi = g[i] * gs;
         ax += x[i] * x[i];
         ay += gi * gi;
       }
@@ -151,29 +153,32 @@ inline void lars_pass1(const float* x, const float* g, float* buf, int64_t b, in
 
 // pass 2: mode 0/1: u = ratio*(g + wd*x); buf = mom*buf + u; x -= lr*(nesterov ? u + mom*buf : buf)
 //         mode 2:   x -= lr*ratio*m
-inline void lars_pass2(float* x, const float* g, float* buf, int64_t b, int64_t e, const LarsHp& h,
-                       float ratio) {
+// Hyperparameters are copied to locals and pointers marked __restrict: otherwise every store to x/buf
+// may alias the struct and forces a reload per vector.
+inline void lars_pass2(float* __restrict x, const float* __restrict g, float* __restrict buf, int64_t b, int64_t e,
+                       const LarsHp& h, float ratio) {
+  const float lr = h.lr, mom = h.mom, wd = h.wd, gs = h.gs;
   if (h.mode == 2) {
-    const float step = h.lr * ratio;
+    const float step = lr * ratio;
 #pragma omp simd
     for (int64_t i = b; i < e; ++i) x[i] -= step * buf[i];
-  } else if (h.mom == 0.f) {
+  } else if (mom == 0.f) {
 #pragma omp simd
-    for (int64_t i = b; i < e; ++i) x[i] -= h.lr * (ratio * (g[i] * h.gs + h.wd * x[i]));
+    for (int64_t i = b; i < e; ++i) x[i] -= lr * (ratio * (g[i] * gs + wd * x[i]));
   } else if (h.nesterov) {
 #pragma omp simd
     for (int64_t i = b; i < e; ++i) {
-      const float u = ratio * (g[i] * h.gs + h.wd * x[i]);
-      const float bi = h.mom * buf[i] + u;
+      const float u = ratio * (g[i] * gs + wd * x[i]);
+      const float bi = mom * buf[i] + u;
       buf[i] = bi;
-      x[i] -= h.lr * (u + h.mom * bi);
+      x[i] -= lr * (u + mom * bi);
     }
   } else {
 #pragma omp simd
     for (int64_t i = b; i < e; ++i) {
-      const float bi = h.mom * buf[i] + ratio * (g[i] * h.gs + h.wd * x[i]);
+      const float bi = mom * buf[i] + ratio * (g[i] * gs + wd * x[i]);
       buf[i] = bi;
-      x[i] -= h.lr * bi;
+      x[i] -= lr * bi;
     }
   }
 }
