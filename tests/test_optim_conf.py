@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO
 from omegaconf import OmegaConf
 
+from conftest import REPO
 from largebatch.optim import OPTIMIZERS, create_optimizer
 
 

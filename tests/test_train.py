@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -118,5 +117,28 @@ def test_missing_local_data_path_is_one_clear_error(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
+def test_wandb_logger_gets_config_and_metrics(compose_cfg, tmp_path, monkeypatch):
+    """What the trainer sends to W&B (a stand-in for wandb.init records the calls)."""
+    wandb = pytest.importorskip("wandb")
+    calls = {"log": []}
+
+    class FakeRun:
+        def __init__(self, **kwargs):
+            calls["init"] = kwargs
+            self.config = type("C", (), {"update": lambda _, d, **k: calls.setdefault("config", d)})()
+            self.summary = {}
+
+        def log(self, metrics, step=None):
+            calls["log"].append((step, metrics))
+
+        def finish(self):
+            calls["finished"] = True
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: FakeRun(**kw))
+    train(compose_cfg("logger=wandb", "epochs=0.05", "save_checkpoint=false"), tmp_path)
+    assert calls["init"]["mode"] == "offline" and calls["init"]["project"] == "largebatch"
+    assert calls["init"]["config"]["optimizer"]["name"] == "adamw" and calls["init"]["config"]["batch"] == 32
+    assert "plan" in calls["config"]
+    steps = [s for s, m in calls["log"] if "loss" in m]
+    assert steps == sorted(steps) and len(steps) >= 2
+    assert any("eval/loss" in m for _, m in calls["log"]) and calls["finished"]
