@@ -1,7 +1,7 @@
 """Reproduce LAMB's Table 1 (arXiv 1904.00962): `make reproduce-table1 SCALE=smoke|small|paper`.
 
   1. base-lr sweep: each optimizer's base lr is chosen ONCE, by final eval loss at the base batch on a
-     eighth of the sample budget (the paper's "untuned" protocol: no tuning at the other rungs);
+     quarter of the sample budget (the paper's "untuned" protocol: no tuning at the other rungs);
   2. the batch ladder (LAMB and AdamW at every rung, LARS at base/middle/top) and the mixed-batch row
      (two stages, re-warmup), all with the same samples in the same order;
   3. downstream: every pretrained checkpoint fine-tuned with one fixed recipe on a bundled
@@ -40,8 +40,8 @@ SCALES = {
         lrs={"lamb": 2e-3, "adamw": 3e-4, "lars_paper": 2e-3},
         finetune=["--max-train", "64", "--max-eval", "64", "--threads", "0"]),
     "small": dict(  # about an hour on 2 cores: the committed results
-        ladder=[4, 16, 64, 256], lars=[4, 64, 256],
-        sweep=(0.125, {"lamb": [3e-4, 1e-3, 3e-3], "adamw": [3e-5, 1e-4, 3e-4], "lars_paper": [3e-4, 1e-3, 3e-3]}),
+        ladder=[4, 16, 64, 128], lars=[4, 16, 128],
+        sweep=(0.25, {"lamb": [3e-4, 1e-3, 3e-3], "adamw": [3e-5, 1e-4, 3e-4], "lars_paper": [3e-4, 1e-3, 3e-3]}),
         results="results/lamb_table1", train=[], mixed=["stages.1.warmup_fraction=0.128"], lrs=None,
         finetune=["--threads", "0"]),
 }
