@@ -66,3 +66,12 @@ def test_warmup_longer_than_the_run(capsys):
 def test_uneven_world_size_is_refused():
     with pytest.raises(ConfigError, match="world_size=3"):
         resolve_micro_batch(64, 16, 3)
+
+
+def test_plan_ladder_keeps_legw_warmup_iterations_and_plots(capsys, tmp_path):
+    png = tmp_path / "lr.png"
+    rows = run_plan(capsys, "data.train_samples=1310720", "epochs=8", "scaling=legw", "scaling.ref_batch=512",
+                    "schedule.warmup_epochs=0.0625", "batch=512,2048,8192,32768", "--plot", str(png))
+    assert [r["warmup_steps"] for r in rows] == [160] * 4  # warmup epochs x k, steps per epoch / k
+    assert [r["lr"] / rows[0]["lr"] for r in rows] == pytest.approx([1, 2, 4, 8])  # sqrt(k)
+    assert png.stat().st_size > 10_000
