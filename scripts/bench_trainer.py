@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "results" / "bench" / "trainer.md"))
     args = parser.parse_args()
     torch.set_num_threads(2)
+    load_before = os.getloadavg()
     workdir = Path(tempfile.mkdtemp())
     m = {k: [] for k in ("trainer", "bare", "acc1", "acc64", "ours128", "stock128")}
     started = time.perf_counter()
@@ -113,6 +115,8 @@ def main() -> None:
         f"Machine: {env['hardware'].get('cpu')} ({env['hardware']['cpu_count']} cores), torch "
         f"{env['versions'].get('torch')}, transformers {env['versions'].get('transformers')}, "
         f"accelerate {env['versions'].get('accelerate')}; git {env['git']['sha']} (dirty: {env['git']['dirty']}).",
+        f"Load average (1/5/15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, after: "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (other jobs slow both sides of each ratio alike).",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
