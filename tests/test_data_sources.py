@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from largebatch.config import DataConfig
+from largebatch.config import TextDataConfig as DataConfig
 from largebatch.data import sources, sword
 from largebatch.data.classification import load_classification
 from largebatch.data.squad import load_squad, normalize_answer, squad_exact_match, squad_f1, squad_metrics

@@ -15,7 +15,7 @@ STAGES = ["experiment=lamb_mixed_batch", "optimizer=adamw", "stages.0.batch=64",
 
 
 def test_two_stage_plan_resolves_each_stage(data_cache):
-    (cfg, plans), = plan_rows(["scale=tiny", f"data.cache_dir={data_cache}", *STAGES], world_size=1)
+    (cfg, plans, _), = plan_rows(["scale=tiny", f"data.cache_dir={data_cache}", *STAGES], world_size=1)
     first, second = plans
     assert (first.batch, first.seq_len, second.batch, second.seq_len) == (64, 32, 32, 64)
     # LEGW at each stage's batch: lr x sqrt(k), k = batch / ref_batch

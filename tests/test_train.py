@@ -17,7 +17,7 @@ from largebatch.train import train
 
 
 def epochs_for_steps(cfg_overrides: list[str], steps: int) -> float:
-    (_, plans), = plan_rows(cfg_overrides, world_size=1)
+    (_, plans, _), = plan_rows(cfg_overrides, world_size=1)
     return steps / plans[0].steps_per_epoch
 
 

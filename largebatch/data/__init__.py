@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from largebatch.data.mlm import GlobalBatchSampler, MaskedLMDataset, pack_sequences
+from largebatch.data.mlm import MaskedLMDataset, pack_sequences
 from largebatch.data.tokenizer import load_or_train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 SPLIT_SEED = 1234  # the held-out documents do not depend on the training seed
 CACHE_VERSION = 1
 
-__all__ = ["GlobalBatchSampler", "MLMData", "build_mlm_data", "corpus_cache_dir"]
+__all__ = ["MLMData", "build_mlm_data", "corpus_cache_dir"]
 
 
 @dataclass
@@ -36,10 +36,6 @@ class MLMData:
     @property
     def vocab_size(self) -> int:
         return len(self.tokenizer)
-
-    @property
-    def tokens_per_sample(self) -> int:
-        return self.seq_len
 
 
 def corpus_cache_dir(data_cfg, vocab_size: int) -> Path:

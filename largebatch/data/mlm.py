@@ -1,10 +1,7 @@
-"""Masked-LM sequences and the batch order of a large-batch run.
+"""Masked-LM sequences: packing and per-sample masks.
 
-Two properties make batch-size comparisons honest:
-- masks depend only on (seed, epoch, sample index): the same sample gets the same mask whatever the
-  batch size, micro-batch or number of ranks;
-- the sample order is one seeded permutation per epoch, independent of the batch: a batch ladder
-  sees the same samples in the same order and differs only in how they are grouped into steps.
+Masks depend only on (seed, epoch, sample index): the same sample gets the same mask whatever the
+batch size, micro-batch or number of ranks (the sample order is ``largebatch.data.steps``'s).
 """
 
 from __future__ import annotations
@@ -12,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from largebatch.models.bert import IGNORE_INDEX
+from largebatch.labels import IGNORE_INDEX
 
 
 def pack_sequences(token_ids: list[list[int]], seq_len: int, cls_id: int, sep_id: int) -> torch.Tensor:
@@ -63,32 +60,3 @@ class MaskedLMDataset(Dataset):
         random_tokens = (u[2] * self.vocab_size).long()
         inputs[randomised] = random_tokens[randomised]
         return {"input_ids": inputs, "labels": labels}
-
-
-class GlobalBatchSampler:
-    """Yields, for one rank, the index lists of its micro-batches, step after step.
-
-    Step s of epoch e takes the global batch perm_e[s*B:(s+1)*B] of a permutation seeded by
-    (seed, e); rank r takes the r-th contiguous slice of it and cuts it into micro-batches.
-    The tail of an epoch that does not fill a global batch is dropped.
-    """
-
-    def __init__(self, num_samples: int, batch: int, micro_batch: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, epoch: int = 0):
-        assert batch % (micro_batch * world_size) == 0, "checked by the plan"
-        self.num_samples, self.batch, self.micro_batch = num_samples, batch, micro_batch
-        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return (self.num_samples // self.batch) * (self.batch // (self.micro_batch * self.world_size))
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(self.num_samples, generator=g)
-        per_rank = self.batch // self.world_size
-        for step in range(self.num_samples // self.batch):
-            mine = perm[step * self.batch + self.rank * per_rank:][:per_rank]
-            yield from (chunk.tolist() for chunk in mine.split(self.micro_batch))

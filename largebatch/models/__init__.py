@@ -1,20 +1,9 @@
-"""Model factory. Every model's forward takes a batch dict and returns
-{"loss_sum", "count", "correct"?}: summed loss over the batch's ``count`` targets, so the trainer can
-normalise by the global count."""
+"""Models, built from configs (no weights are downloaded); each task (``largebatch.tasks``) builds its own.
 
-from __future__ import annotations
+Every model's forward takes a micro-batch and returns {"loss_sum", "count"[, "correct"]}: the loss
+SUMMED over the batch's ``count`` targets, so the trainer can normalise by a global count.
 
-from torch import nn
-
-from largebatch.errors import ConfigError
-
-MODELS = ("bert",)
-
-
-def build_model(model_cfg, vocab_size: int, max_seq_len: int) -> nn.Module:
-    if model_cfg.name == "bert":
-        from largebatch.models.bert import build_bert
-
-        max_pos = max(model_cfg.max_position_embeddings, max_seq_len)
-        return build_bert(model_cfg.size, vocab_size, model_cfg.dropout, max_pos)
-    raise ConfigError(f"model={model_cfg.name!r} is unknown; choose one of {list(MODELS)}")
+    bert             BERT masked-LM, head at masked positions only          largebatch.models.bert
+    lstm_lm          Zaremba et al. 2014's word-level LSTM language model    largebatch.models.lstm_lm
+    lstm_classifier  an LSTM over the rows of an image (LEGW's MNIST-LSTM)   largebatch.models.lstm_classifier
+"""

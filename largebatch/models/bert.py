@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
+from largebatch.labels import IGNORE_INDEX
+
 # Standard shapes (Turc et al. 2019 for the small ones; Devlin et al. 2019 for base/large):
 # (layers, hidden, heads); the feed-forward width is 4 x hidden.
 BERT_SIZES = {
@@ -27,8 +29,6 @@ BERT_SIZES = {
     "base": (12, 768, 12),
     "large": (24, 1024, 16),
 }
-
-IGNORE_INDEX = -100
 
 
 def bert_config(size: str, vocab_size: int, dropout: float, max_position_embeddings: int = 512) -> BertConfig:

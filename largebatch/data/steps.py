@@ -1,0 +1,78 @@
+"""The one owner of the batch split: a stage's GLOBAL batch -> this rank's micro-batches of each step.
+
+A global batch of ``batch`` samples (or streams) is cut the same way for every workload: rank ``r``
+of ``world_size`` takes the r-th contiguous share of ``batch / world_size`` and cuts it into
+micro-batches of ``micro_batch`` (the plan has checked that both divide). :func:`rank_share` and
+:func:`split_micro` are that cut; :func:`index_steps` applies it to shuffled samples (MLM, images),
+and the stateful LM applies it to its streams (``largebatch.tasks.lm``).
+
+Sample order (:class:`StepSampler`): one seeded permutation per epoch, independent of the batch, so a
+batch ladder sees the same samples in the same order and differs only in how they are grouped into
+steps. Step ``s`` takes ``perm[s*batch:(s+1)*batch]``; the tail that does not fill a batch is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+from itertools import count
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+# Each stage of a multi-stage run draws its permutations (and masks) from its own range of epochs.
+STAGE_EPOCH_STRIDE = 1000
+
+
+def rank_share(batch: int, world_size: int, rank: int) -> slice:
+    """Positions of a global batch that belong to ``rank``."""
+    per_rank = batch // world_size
+    return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+def split_micro(n: int, micro_batch: int) -> list[slice]:
+    """Positions of a rank's ``n`` samples that form each micro-batch, in order."""
+    return [slice(i, i + micro_batch) for i in range(0, n, micro_batch)]
+
+
+class StepSampler(Sampler):
+    """A DataLoader ``batch_sampler`` that yields, per optimizer step, the sample indices of one rank."""
+
+    def __init__(self, num_samples: int, batch: int, *, rank: int = 0, world_size: int = 1, seed: int = 0):
+        assert batch % world_size == 0, "checked by the plan"
+        self.num_samples, self.batch, self.rank, self.world_size, self.seed = num_samples, batch, rank, world_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples // self.batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        share = rank_share(self.batch, self.world_size, self.rank)
+        for step in range(len(self)):
+            yield perm[step * self.batch:][share].tolist()
+
+
+def collate_micro(samples: list[dict], micro_batch: int) -> list[dict]:
+    """One step's samples -> its micro-batches (runs in the DataLoader's workers)."""
+    step = default_collate(samples)
+    return [{k: v[part] for k, v in step.items()} for part in split_micro(len(samples), micro_batch)]
+
+
+def index_steps(dataset: Dataset, plan, *, rank: int, world_size: int, seed: int, num_workers: int = 0,
+                first_epoch: int = 0) -> Iterator[list[dict]]:
+    """Yield the micro-batches of one step after another, forever, epoch after epoch.
+
+    A dataset with ``set_epoch`` (masks drawn per epoch) is told the epoch before it is read; the
+    DataLoader's workers are started per epoch, so they see it too."""
+    sampler = StepSampler(len(dataset), plan.batch, rank=rank, world_size=world_size, seed=seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                        collate_fn=partial(collate_micro, micro_batch=plan.micro_batch))
+    for epoch in count():
+        sampler.set_epoch(first_epoch + epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(first_epoch + epoch)
+        yield from loader
