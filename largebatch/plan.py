@@ -46,6 +46,7 @@ class StagePlan:
     warmup_steps: int
     scaling_rule: str
     k: float
+    tokens_per_step: int | None  # batch x seq_len (an LM: streams x BPTT window); None without a sequence
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +132,7 @@ def plan_stage(cfg, spec: StageSpec, train_samples: int, world_size: int) -> Sta
         accumulation=accumulation, seq_len=spec.seq_len, train_samples=train_samples,
         epochs=spec.epochs, steps_per_epoch=per_epoch, total_steps=total, lr=lr,
         warmup_epochs=warmup_epochs, warmup_steps=warmup_steps, scaling_rule=cfg.scaling.rule, k=scaled.k,
+        tokens_per_step=spec.batch * spec.seq_len if spec.seq_len else None,
     )
 
 
@@ -148,7 +150,7 @@ def lr_schedule(schedule_cfg, plan: StagePlan):
 def format_plan(plans: list[StagePlan], header: dict | None = None) -> str:
     """A fixed-width table, one row per stage (or per batch of a ladder)."""
     lines = [f"{k}: {v}" for k, v in (header or {}).items()]
-    cols = ["name", "batch", "micro_batch", "world_size", "accumulation", "seq_len", "train_samples",
+    cols = ["name", "batch", "micro_batch", "world_size", "accumulation", "seq_len", "tokens_per_step", "train_samples",
             "steps_per_epoch", "epochs", "total_steps", "lr", "warmup_epochs", "warmup_steps"]
     rows = [[_fmt(getattr(p, c)) for c in cols] for p in plans]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
@@ -158,6 +160,8 @@ def format_plan(plans: list[StagePlan], header: dict | None = None) -> str:
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)

@@ -23,12 +23,15 @@ def data_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def compose_cfg(data_cache):
-    """compose_cfg(*overrides) -> the real `conf/train.yaml` at scale=tiny, with a test cache."""
+    """compose_cfg(*overrides) -> the real `conf/train.yaml` at scale=tiny, with a test cache for the
+    data configs that have one."""
     from largebatch.cli import compose
 
     def _compose(*overrides: str):
-        base = ["scale=tiny", f"data.cache_dir={data_cache}", "progress=false"]
-        return compose(base + list(overrides))
+        cfg = compose(["scale=tiny", "progress=false", *overrides])
+        if "cache_dir" in cfg.data and not any(o.startswith("data.cache_dir=") for o in overrides):
+            cfg.data.cache_dir = str(data_cache)
+        return cfg
 
     return _compose
 

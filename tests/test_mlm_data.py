@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
-from largebatch.data import GlobalBatchSampler, build_mlm_data
+from largebatch.data import build_mlm_data
 from largebatch.data.mlm import MaskedLMDataset, pack_sequences
+from largebatch.data.steps import index_steps
 from largebatch.data.tokenizer import load_or_train_tokenizer
-from largebatch.models.bert import IGNORE_INDEX
+from largebatch.labels import IGNORE_INDEX
 
 
 def test_real_words_survive_a_tokenizer_round_trip(compose_cfg, tmp_path):
@@ -49,16 +52,26 @@ def test_masking_follows_bert_statistics_and_depends_only_on_index_and_epoch():
     assert not torch.equal(ds[17]["labels"], items[17]["labels"])  # a new epoch re-masks
 
 
+class IndexDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, index):
+        return {"index": torch.tensor(index)}
+
+
 def test_batch_order_is_one_permutation_independent_of_batch_and_ranks():
+    """The step loader's order: ranks in turn, each rank's micro-batches in turn, step after step."""
     def order(batch, micro, world):
+        plan = SimpleNamespace(batch=batch, micro_batch=micro)
+        loaders = [index_steps(IndexDataset(), plan, rank=r, world_size=world, seed=3) for r in range(world)]
         out = []
-        samplers = [GlobalBatchSampler(1000, batch, micro, rank=r, world_size=world, seed=3) for r in range(world)]
-        iters = [iter(s) for s in samplers]
-        per_rank_micro = batch // (micro * world)
         for _ in range(1000 // batch):
-            for it in iters:
-                for _ in range(per_rank_micro):
-                    out += next(it)
+            for loader in loaders:
+                micro_batches = next(loader)
+                assert len(micro_batches) == batch // (micro * world)
+                assert all(len(mb["index"]) == micro for mb in micro_batches)
+                out += [i for mb in micro_batches for i in mb["index"].tolist()]
         return out
 
     reference = order(8, 8, 1)
