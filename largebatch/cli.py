@@ -24,20 +24,12 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from largebatch.config import register_configs
-from largebatch.errors import LargebatchError
+from largebatch.config import CONF_DIR, compose, register_configs
+from largebatch.errors import LargebatchError, fail
 
 log = logging.getLogger("largebatch")
 
-_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"  # inside a built wheel
-CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parents[1] / "conf"
-
 register_configs()
-
-
-def _fail(error: Exception):
-    print(f"error: {str(error).split(chr(10) + 'Config search path')[0].strip()}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 # ---------------------------------------------------------------------------- lb-train
@@ -61,7 +53,7 @@ def _train_task(cfg: DictConfig):
     try:
         summary = train(cfg, Path(HydraConfig.get().runtime.output_dir))
     except LargebatchError as error:
-        _fail(error)
+        fail(error)
     return summary.get(summary["primary_metric"])  # what a Hydra sweeper optimises
 
 
@@ -83,14 +75,6 @@ def _expand_sweeps(overrides: list[str]) -> list[list[str]]:
         else:
             choices.append([override.input_line])
     return [list(combo) for combo in itertools.product(*choices)]
-
-
-def compose(overrides: list[str]) -> DictConfig:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
 
 
 def count_parameters(task) -> int:
@@ -127,7 +111,7 @@ def plan_main(argv: list[str] | None = None) -> None:
     try:
         rows = plan_rows(args.overrides, args.world_size)
     except (LargebatchError, HydraException, OmegaConfBaseException) as error:
-        _fail(error)
+        fail(error)
 
     from largebatch.plan import format_plan
 

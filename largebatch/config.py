@@ -8,10 +8,15 @@ needs; the fields here only fix names and types.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"  # inside a built wheel
+CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parents[1] / "conf"
+OPTIMIZER_KEYS_NOT_OPTIONS = ("name", "lr", "weight_decay")
 
 
 @dataclass
@@ -198,3 +203,19 @@ def register_configs() -> None:
         ("logger", LoggerConfig),
     ]:
         cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The config ``lb-train`` would run with these overrides (for scripts, tests and ``lb-plan``)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def optimizer_options(opt_cfg) -> dict:
+    """The optimizer group's keys that are options of ``create_optimizer`` (None: the registry default)."""
+    options = OmegaConf.to_container(opt_cfg, resolve=True)
+    return {k: v for k, v in options.items() if k not in OPTIMIZER_KEYS_NOT_OPTIONS and v is not None}

@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from transformers.utils import logging as hf_logging
 
 from largebatch.data.classification import load_classification
 from largebatch.data.squad import load_squad, squad_metrics
-from largebatch.errors import ConfigError, DataNotFoundError, LargebatchError
+from largebatch.errors import ConfigError, DataNotFoundError, LargebatchError, fail
 from largebatch.optim.param_groups import build_param_groups
 from largebatch.sched.schedules import build_schedule
 from largebatch.sched.steps import epochs_to_steps, steps_per_epoch
@@ -372,8 +371,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{run_dir} [{init}]: {'F1' if args.squad_train else 'accuracy'} {score:.2f} "
                       f"in {result['seconds']:.1f} s -> {path}")
     except LargebatchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(error)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""The errors a user can cause and fix. The CLI prints them as one line, with no traceback."""
+"""The errors a user can cause and fix. The CLIs print them as one line, with no traceback (:func:`fail`)."""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
 
 
 class LargebatchError(Exception):
@@ -15,3 +20,10 @@ class DataNotFoundError(LargebatchError):
 
 class NonFiniteError(LargebatchError):
     """Loss or gradient norm became inf/nan during training."""
+
+
+def fail(error: Exception | str) -> NoReturn:
+    """Print ``error: <message>`` (one line: Hydra's config-search-path appendix cut) and exit with 2."""
+    message = str(error).split("\nConfig search path")[0].strip()
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from largebatch.config import optimizer_options
 from largebatch.errors import ConfigError, NonFiniteError
 from largebatch.optim import create_optimizer, trust_ratio_stats
 from largebatch.plan import build_plans, format_plan, lr_schedule
@@ -33,9 +33,6 @@ from largebatch.tasks import build_task
 from largebatch.tracking import RunRecorder
 
 log = logging.getLogger(__name__)
-
-OPTIMIZER_KEYS_NOT_OPTIONS = ("name", "lr", "weight_decay")
-
 
 def make_accelerator(cfg) -> Accelerator:
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
@@ -49,11 +46,6 @@ def make_accelerator(cfg) -> Accelerator:
             "--num_processes N --num_machines 1 -m largebatch.cli ...` (not `accelerate launch --cpu`)"
         )
     return accelerator
-
-
-def optimizer_options(opt_cfg) -> dict:
-    options = OmegaConf.to_container(opt_cfg, resolve=True)
-    return {k: v for k, v in options.items() if k not in OPTIMIZER_KEYS_NOT_OPTIONS and v is not None}
 
 
 def global_norm(tensors) -> torch.Tensor:

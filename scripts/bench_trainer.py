@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from largebatch.cli import compose  # noqa: E402
+from largebatch.config import compose  # noqa: E402
 from largebatch.data import build_mlm_data  # noqa: E402
 from largebatch.models.bert import build_bert  # noqa: E402
 from largebatch.tracking import environment  # noqa: E402

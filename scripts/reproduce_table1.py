@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from largebatch import downstream, report  # noqa: E402
-from largebatch.cli import compose  # noqa: E402
+from largebatch.config import compose  # noqa: E402
 from largebatch.train import train  # noqa: E402
 
 SCALES = {

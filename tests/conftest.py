@@ -25,7 +25,7 @@ def data_cache(tmp_path_factory) -> Path:
 def compose_cfg(data_cache):
     """compose_cfg(*overrides) -> the real `conf/train.yaml` at scale=tiny, with a test cache for the
     data configs that have one."""
-    from largebatch.cli import compose
+    from largebatch.config import compose
 
     def _compose(*overrides: str):
         cfg = compose(["scale=tiny", "progress=false", *overrides])

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import REPO, lb
-from largebatch.cli import compose, plan_rows
+from largebatch.cli import plan_rows
+from largebatch.config import compose
 from largebatch.data.ptb import batchify, load_word_corpus
 from largebatch.tasks import build_task
 from largebatch.train import train

@@ -27,7 +27,7 @@ def test_every_registry_entry_has_a_config():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_optimizer_config_builds_and_steps(compose_cfg, name):
-    from largebatch.train import optimizer_options
+    from largebatch.config import optimizer_options
 
     cfg = compose_cfg(f"optimizer={name}")
     assert cfg.optimizer.name == name in OPTIMIZERS

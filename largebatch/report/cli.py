@@ -11,13 +11,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from largebatch.errors import fail
 from largebatch.report.runs import collect_runs
 from largebatch.report.write import write_report
-
-
-def _fail(message: str):
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
 
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
-        _fail(f"no such folder: {', '.join(missing)}")
+        fail(f"no such folder: {', '.join(missing)}")
     rows = collect_runs(args.paths)
     if not rows:
-        _fail(f"no run folders (a folder with config.yaml) under {', '.join(map(str, args.paths))}")
+        fail(f"no run folders (a folder with config.yaml) under {', '.join(map(str, args.paths))}")
     unigram = None
     if args.unigram_from_config is not None:
         from largebatch.report.unigram import unigram_baseline_from_run
@@ -48,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             unigram = unigram_baseline_from_run(args.unigram_from_config)
         except FileNotFoundError as e:
-            _fail(str(e))
+            fail(str(e))
 
     from largebatch.tracking import git_state
 

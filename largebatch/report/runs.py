@@ -57,16 +57,16 @@ def optimizer_rank(name) -> tuple:
 def load_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir).resolve()
     cfg = _load_config(run_dir)
-    plan = _read_json(run_dir / "plan.json") or []
-    summary = _read_json(run_dir / "summary.json")
+    plan = read_json(run_dir / "plan.json") or []
+    summary = read_json(run_dir / "summary.json")
     metrics = read_metrics(run_dir)
     train_lines = [m for m in metrics if "loss" in m]
 
     stages = plan or _stages_from_config(cfg)
     batch_label = (str(stages[-1]["batch"]) if len(stages) == 1
                    else "/".join(f"{s['batch']}@{s['seq_len']}" for s in stages))
-    down = _read_json(run_dir / "downstream.json") or {}
-    down_random = _read_json(run_dir / "downstream_random.json") or {}
+    down = read_json(run_dir / "downstream.json") or {}
+    down_random = read_json(run_dir / "downstream_random.json") or {}
     summary_or_empty = summary or {}
     row = {
         "optimizer": _get(cfg, "optimizer.name") or summary_or_empty.get("optimizer"),
@@ -176,7 +176,8 @@ def _get(cfg: dict, dotted: str):
     return node
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
+    """A run file's JSON, or None when it is absent or torn."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):

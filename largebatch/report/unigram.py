@@ -9,10 +9,11 @@ smallest id). A model whose eval loss is not below this has learned nothing beyo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+
+from largebatch.report.runs import read_json
 
 IGNORE_INDEX = -100  # label of unmasked positions (largebatch.models.bert.IGNORE_INDEX)
 
@@ -73,7 +74,7 @@ def unigram_baseline_from_run(run_dir: Path) -> dict:
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} has no config.yaml")
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    plan = _read_json(run_dir / "plan.json")
+    plan = read_json(run_dir / "plan.json")
     seq_len = plan[-1]["seq_len"] if plan else cfg.data.seq_len
     max_eval = None
     if cfg.get("eval_max_batches") is not None:
@@ -82,10 +83,6 @@ def unigram_baseline_from_run(run_dir: Path) -> dict:
         max_eval = plan[-1]["world_size"] * cfg.eval_max_batches * plan[-1]["micro_batch"]
     data = build_mlm_data(cfg.data, cfg.model.vocab_size, seq_len, cfg.seed)
     result = unigram_baseline_from_data(data, max_eval)
-    run_tokens = (_read_json(run_dir / "summary.json") or {}).get("eval/tokens")
+    run_tokens = (read_json(run_dir / "summary.json") or {}).get("eval/tokens")
     return {**result, "seq_len": seq_len, "source": str(run_dir),
             "matches_run_eval_tokens": None if run_tokens is None else run_tokens == result["eval_tokens"]}
-
-
-def _read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
