@@ -114,21 +114,27 @@ class OptimizerConfig:
 
 @dataclass
 class ScalingConfig:
+    """How the lr and warmup follow the batch (largebatch/sched/scaling.py); the files set only ``rule``."""
+
     rule: str = "none"  # none | linear | sqrt | legw
-    ref_batch: int = 256
-    ref_lr: float = MISSING  # usually ${optimizer.lr}
-    ref_warmup_epochs: float = MISSING  # usually ${schedule.warmup_epochs}
+    ref_batch: int = 256  # the batch at which optimizer.lr and schedule.warmup_epochs were tuned
+    ref_lr: float = "${optimizer.lr}"  # type: ignore[assignment]  # peak lr at ref_batch
+    ref_warmup_epochs: float = "${schedule.warmup_epochs}"  # type: ignore[assignment]  # warmup at ref_batch
 
 
 @dataclass
 class ScheduleConfig:
+    """Linear warmup, then one decay (largebatch/sched/schedules.py). Every schedule warms up over
+    ``warmup_epochs`` (at scaling.ref_batch; scaling=legw multiplies it by k) from ``warmup_init_lr``
+    (step s < W runs at init + (peak - init) * (s + 1) / W); the files set only their decay's keys."""
+
     name: str = "linear"  # constant | linear | poly | cosine | exponential | step
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 0.01
     warmup_init_lr: float = 0.0
-    power: float = 1.0
-    end_lr: float = 0.0
-    gamma: float = 0.1
-    milestones: list[float] = field(default_factory=list)  # step decay: epochs
+    power: float = 1.0  # poly
+    end_lr: float = 0.0  # linear, poly, cosine: the lr of the last step
+    gamma: float = 0.1  # exponential (per epoch), step (per milestone)
+    milestones: list[float] = field(default_factory=list)  # step: epochs
     decay_start_epoch: float = 0.0  # exponential: epochs before the per-epoch decay begins
 
 
@@ -179,6 +185,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False
     on_nonfinite: str = "stop"  # stop | skip
+    max_consecutive_skips: int = 10  # on_nonfinite=skip: stop after this many non-finite steps in a row
     save_checkpoint: bool = True
     progress: bool = True
     per_layer_trust_ratios: bool = False

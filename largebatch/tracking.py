@@ -11,6 +11,7 @@ Only the main process writes; the other ranks get a recorder that does nothing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -92,7 +93,7 @@ class RunRecorder:
     def log(self, metrics: dict) -> None:
         if not self.enabled:
             return
-        self._metrics.write(json.dumps(metrics) + "\n")
+        self._metrics.write(json.dumps(_finite(metrics), allow_nan=False) + "\n")
         self._metrics.flush()
         if self._wandb:
             self._wandb.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics.get("step"))
@@ -100,11 +101,16 @@ class RunRecorder:
     def finish(self, summary: dict) -> None:
         if not self.enabled:
             return
-        self._write_json("summary.json", summary)
+        self._write_json("summary.json", _finite(summary))
         self._metrics.close()
         if self._wandb:
             self._wandb.summary.update(summary)
             self._wandb.finish()
+
+
+def _finite(record: dict) -> dict:
+    """JSON has no NaN or inf: a non-finite number is recorded as null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def _start_wandb(cfg, run_dir: Path):

@@ -83,14 +83,14 @@ def train(cfg, run_dir: Path) -> dict:
     # ---------------------------------------------------------------- training
     total_steps = sum(p.total_steps for p in plans)
     bar = tqdm(total=total_steps, disable=not (cfg.progress and accelerator.is_main_process), desc="train")
-    step = samples = skipped = 0
+    step = samples = skipped = skipped_in_a_row = 0
     last_eval, last_loss = None, None
     started = time.perf_counter()
     for stage_index, plan in enumerate(plans):
         lr_at = lr_schedule(cfg.schedule, plan)
         eval_every = max(1, round(cfg.eval_every_epochs * plan.train_samples))  # in samples
         tokens_per_sample = task.tokens_per_sample(plan.seq_len)
-        window = {"loss": 0.0, "steps": 0, "time": time.perf_counter(), "samples": 0}
+        window = {"loss": 0.0, "loss_steps": 0, "steps": 0, "time": time.perf_counter(), "samples": 0}
         batches = task.steps(plan, stage_index=stage_index, rank=accelerator.process_index, world_size=world)
 
         for stage_step in range(plan.total_steps):
@@ -124,14 +124,19 @@ def train(cfg, run_dir: Path) -> dict:
                            "on_nonfinite=skip to skip such steps")
                 if cfg.on_nonfinite != "skip":
                     raise NonFiniteError(message)
+                skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
+                if skipped_in_a_row > cfg.max_consecutive_skips:
+                    raise NonFiniteError(f"{skipped_in_a_row} steps in a row were non-finite (max_consecutive_skips="
+                                         f"{cfg.max_consecutive_skips}); the run is not recovering. Last: {message}")
                 log.warning("skipping step: %s", message)
                 optimizer.zero_grad(set_to_none=True)
-                skipped += 1
             else:
                 before = [p.detach().clone() for p in params] if is_log_step else None
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                skipped_in_a_row = 0
                 window["loss"] += step_loss.item()
+                window["loss_steps"] += 1
             step += 1
             samples += plan.batch
             window["steps"] += 1
@@ -140,21 +145,22 @@ def train(cfg, run_dir: Path) -> dict:
 
             if is_log_step and window["steps"]:
                 elapsed = time.perf_counter() - window["time"]
-                last_loss = window["loss"] / window["steps"]
                 metrics = {
                     "step": step, "stage": plan.name, "epoch": stage_step / plan.steps_per_epoch, "samples": samples,
-                    "loss": last_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                    "lr": lr, "grad_norm": grad_norm.item(),
                     "param_norm": global_norm(params).item(), "samples_per_s": window["samples"] / elapsed,
                     "skipped_steps": skipped,
                 }
+                if window["loss_steps"]:  # the mean over the window's steps that were not skipped
+                    last_loss = metrics["loss"] = window["loss"] / window["loss_steps"]
                 if tokens_per_sample:
                     metrics["tokens_per_s"] = window["samples"] * tokens_per_sample / elapsed
                 if before is not None:
                     metrics["update_norm"] = global_norm([p.detach() - b for p, b in zip(params, before)]).item()
                 metrics.update(trust_ratio_stats(optimizer.optimizer, per_layer=cfg.per_layer_trust_ratios))
                 recorder.log(metrics)
-                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}")
-                window.update(loss=0.0, steps=0, samples=0, time=time.perf_counter())
+                bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.3f}", lr=f"{lr:.2e}")
+                window.update(loss=0.0, loss_steps=0, steps=0, samples=0, time=time.perf_counter())
 
             end_of_stage = stage_step + 1 == plan.total_steps
             if samples // eval_every > (samples - plan.batch) // eval_every or end_of_stage:

@@ -9,6 +9,8 @@ from omegaconf import OmegaConf
 from conftest import REPO
 
 GROUPS = ["model", "data", "optimizer", "scaling", "schedule", "logger", "scale", "experiment"]
+NAME_KEY = {"model": "name", "data": "name", "optimizer": "name", "scaling": "rule", "schedule": "name",
+            "logger": "name"}
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((REPO / "conf" / g).glob("*.yaml"))]
 
 
@@ -19,7 +21,11 @@ def test_every_group_option_composes(compose_cfg, group, name):
         overrides.append("data.files=[corpus.txt]")
     cfg = compose_cfg(*overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    assert resolved["batch"] > 0 and resolved["optimizer"]["lr"] > 0
+    if group in NAME_KEY:  # the file chose what it says it chooses
+        assert resolved[group][NAME_KEY[group]] == name
+    elif group == "scale":
+        assert resolved["scale"] == name
+    assert resolved["scaling"]["ref_lr"] == resolved["optimizer"]["lr"] > 0
 
 
 def test_global_batch_override(compose_cfg):

@@ -67,7 +67,6 @@ def test_rule_factors_at_four_times_the_batch(rule, lr, warmup):
     assert s.k == 4.0
     assert s.lr == pytest.approx(lr, rel=1e-12)
     assert s.warmup_epochs == pytest.approx(warmup, rel=1e-12)
-    assert "k=4" in s.describe() and rule in s.describe()
 
 
 def test_lamb_untuned_sqrt_lr_at_32k():

@@ -72,13 +72,48 @@ def test_accumulated_step_equals_full_batch_step(compose_cfg, tmp_path):
     assert moved > 1e-3  # the step did change the parameters, so the comparison means something
 
 
-def test_nonfinite_loss_stops_or_skips(compose_cfg, tmp_path):
+def test_nonfinite_loss_stops_with_a_message(compose_cfg, tmp_path):
     base = ["optimizer=sgd", "optimizer.lr=1e30", "optimizer.momentum=0", "schedule=constant",
             "schedule.warmup_epochs=0", "epochs=0.1"]
     with pytest.raises(NonFiniteError, match="non-finite"):
         train(compose_cfg(*base), tmp_path / "stop")
-    summary = train(compose_cfg(*base, "on_nonfinite=skip", "save_checkpoint=false"), tmp_path / "skip")
-    assert summary["skipped_steps"] > 0
+
+
+def poison_steps(monkeypatch, bad_steps: set[int], micro_per_step: int):
+    """Make the loss of the given 1-based optimizer steps NaN (every micro-batch of the step)."""
+    from largebatch.tasks.mlm import MaskedLMTask
+
+    calls = {"n": 0}
+    forward = MaskedLMTask.forward
+
+    def poisoned(self, model, micro_batch, slot):
+        out = forward(self, model, micro_batch, slot)
+        calls["n"] += 1
+        if (calls["n"] - 1) // micro_per_step + 1 in bad_steps:
+            out["loss_sum"] = out["loss_sum"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MaskedLMTask, "forward", poisoned)
+
+
+def test_skipped_step_leaves_parameters_and_loss_average_untouched(compose_cfg, tmp_path, monkeypatch):
+    poison_steps(monkeypatch, {2}, micro_per_step=2)
+    summary = train(compose_cfg("batch=32", "micro_batch=16", "epochs=0.1", "log_every=1", "model.dropout=0",
+                                "on_nonfinite=skip"), tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = {m["step"]: m for m in lines if "grad_norm" in m}
+    assert summary["skipped_steps"] == 1 and steps[2]["skipped_steps"] == 1
+    assert "loss" not in steps[2] and steps[2]["grad_norm"] is None  # NaN is recorded as null, never as 0.0
+    assert steps[2]["param_norm"] == steps[1]["param_norm"] != steps[3]["param_norm"]
+    assert all(m["loss"] > 1 for s, m in steps.items() if s != 2)
+    assert "NaN" not in (tmp_path / "metrics.jsonl").read_text() + (tmp_path / "summary.json").read_text()
+
+
+def test_too_many_skips_in_a_row_stop_the_run(compose_cfg, tmp_path, monkeypatch):
+    poison_steps(monkeypatch, {2, 3, 4}, micro_per_step=2)
+    with pytest.raises(NonFiniteError, match="3 steps in a row"):
+        train(compose_cfg("batch=32", "micro_batch=16", "epochs=0.2", "on_nonfinite=skip", "max_consecutive_skips=2",
+                          "save_checkpoint=false"), tmp_path)
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])

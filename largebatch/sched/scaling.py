@@ -42,13 +42,6 @@ class Scaled:
     lr_factor: float  # lr / ref_lr
     warmup_factor: float  # warmup_epochs / ref_warmup_epochs
 
-    def describe(self) -> str:
-        """One line for the start-of-run printout."""
-        return (
-            f"scaling={self.rule} k={self.k:g}: lr={self.lr:.6g} (x{self.lr_factor:.4g}), "
-            f"warmup_epochs={self.warmup_epochs:.6g} (x{self.warmup_factor:.4g})"
-        )
-
 
 def apply_scaling(
     rule: str, *, batch: int, ref_batch: int, ref_lr: float, ref_warmup_epochs: float
