@@ -132,7 +132,7 @@ def plan_main(argv: list[str] | None = None) -> None:
         print(format_plan([p for _, plans, _ in rows for p in plans], header))
     if args.plot:
         from largebatch.plan import lr_schedule
-        from largebatch.sched.plot import plot_lr_schedules
+        from largebatch.sched.plot import plot_planned_lr
 
         curves = []
         for cfg, plans, _ in rows:
@@ -142,7 +142,7 @@ def plan_main(argv: list[str] | None = None) -> None:
                 lrs += [lr_at(i) for i in range(p.total_steps)]
             curves.append({"label": f"{cfg.optimizer.name} batch {plans[0].batch}", "lrs": lrs,
                            "samples_per_step": plans[0].batch})
-        plot_lr_schedules(curves, args.plot)
+        plot_planned_lr(curves, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
 
 

@@ -228,7 +228,7 @@ def test_unknown_schedule_and_bad_values_are_config_errors():
 
 
 def test_plot_writes_a_png(tmp_path):
-    from largebatch.sched.plot import plot_lr_schedules
+    from largebatch.sched.plot import plot_planned_lr
 
     rows = []
     for batch in (512, 2048):
@@ -243,7 +243,7 @@ def test_plot_writes_a_png(tmp_path):
         )
         rows.append({"label": f"legw {batch}", "lrs": [lr(i) for i in range(spe)], "samples_per_step": batch})
     rows.append({"label": "no samples", "lrs": [1e-3] * 10})
-    out = plot_lr_schedules(rows, tmp_path / "sub" / "lr.png")
+    out = plot_planned_lr(rows, tmp_path / "sub" / "lr.png")
     data = Path(out).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 

@@ -1,4 +1,5 @@
-"""`python -m largebatch.downstream ...` = `lb-finetune ...` (works before the console script is installed)."""
+"""`python -m largebatch.downstream ...` = `lb-finetune ...` (works before the console script is
+installed)."""
 
 from largebatch.downstream.cli import main
 

@@ -64,7 +64,8 @@ def fit(model, data, *, epochs, batch, lr, warmup_fraction, weight_decay, seed, 
     warmup = epochs_to_steps(warmup_fraction * epochs, per_epoch) if warmup_fraction > 0 else 0
     lr_at = build_schedule("linear", peak_lr=lr, total_steps=total, warmup_steps=warmup,
                            steps_per_epoch=per_epoch)
-    optimizer = torch.optim.AdamW(build_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-6)
+    optimizer = torch.optim.AdamW(build_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999),
+                                  eps=1e-6)
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
     step = 0

@@ -36,7 +36,8 @@ def squad_features(tokenizer, examples: list[dict], max_seq_len: int, doc_stride
             example = examples[example_of[i]]
             first = example["answer_starts"][0]
             last = first + len(example["answers"][0])  # exclusive
-            tokens = [t for t, c in enumerate(in_context) if c and window[t][0] < last and window[t][1] > first]
+            tokens = [t for t, c in enumerate(in_context)
+                      if c and window[t][0] < last and window[t][1] > first]
             whole = tokens and window[tokens[0]][0] <= first and window[tokens[-1]][1] >= last
             starts.append(tokens[0] if whole else 0)
             ends.append(tokens[-1] if whole else 0)
@@ -70,7 +71,8 @@ def squad_predictions(examples, example_of, offsets, start_logits, end_logits, m
         span = best_span(start_logits[i], end_logits[i], offsets[i], max_answer_len, n_best)
         if span is not None and (example_index not in best or span[0] > best[example_index][0]):
             best[example_index] = span
-    return {e["id"]: (e["context"][best[j][1] : best[j][2]] if j in best else "") for j, e in enumerate(examples)}
+    return {e["id"]: (e["context"][best[j][1] : best[j][2]] if j in best else "")
+            for j, e in enumerate(examples)}
 
 
 def finetune_squad(
@@ -94,7 +96,8 @@ def finetune_squad(
     threads: int | None = None,
     device: str | None = None,
 ) -> dict:
-    """Fine-tune on SQuAD v1.1 ``train_file``; F1 and exact match (0-100) on ``dev_file``, plus predictions."""
+    """Fine-tune on SQuAD v1.1 ``train_file``; F1 and exact match (0-100) on ``dev_file``, plus the
+    predictions."""
     recipe = recipe_of(locals())
     recipe.update(train_file=str(train_file), dev_file=str(dev_file))
     start = time.perf_counter()
@@ -107,7 +110,8 @@ def finetune_squad(
         train_data, _, _ = squad_features(tokenizer, train, max_seq_len, doc_stride, train=True)
         steps = fit(model, train_data, epochs=epochs, batch=batch, lr=lr, warmup_fraction=warmup_fraction,
                     weight_decay=weight_decay, seed=seed, device=dev)
-        data, example_of, offsets = squad_features(tokenizer, dev_examples, max_seq_len, doc_stride, train=False)
+        data, example_of, offsets = squad_features(tokenizer, dev_examples, max_seq_len, doc_stride,
+                                                   train=False)
         starts, ends = [], []
         for _, out in predict(model, data, 2 * batch, dev):
             starts.extend(out.start_logits.float().cpu())

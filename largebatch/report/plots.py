@@ -107,6 +107,6 @@ def plot_eval_loss_vs_samples(rows: list[dict], path: Path) -> Path:
                    title="Eval loss against samples seen (one curve per run)")
 
 
-def plot_lr_schedules(rows: list[dict], path: Path) -> Path:
+def plot_logged_lr(rows: list[dict], path: Path) -> Path:
     return _curves(rows, path, pick="lr", ylabel="learning rate (logged)", log_y=True,
                    title="Learning rate actually used, against samples seen")

@@ -168,19 +168,19 @@ def findings(rows: list[dict], *, unigram: dict | None = None, candidate: str = 
 
 def _head_to_head(cells: list[Cell], candidate: str) -> list[str]:
     """Candidate against every other optimizer at the batch sizes both ran (the paper: LAMB beats LARS)."""
-    mine = {c.batch: c for c in ladder(cells, candidate)}
+    candidate_cells = {c.batch: c for c in ladder(cells, candidate)}
     out = []
     for other in sorted({c.optimizer for c in cells} - {candidate}, key=optimizer_rank):
         theirs = {c.batch: c for c in ladder(cells, other)}
-        shared = [b for b in mine if b in theirs]
+        shared = [b for b in candidate_cells if b in theirs]
         if not shared:
             continue
-        wins = [b for b in shared if mine[b].mean("eval_loss") < theirs[b].mean("eval_loss")]
-        ties = [b for b in shared if mine[b].mean("eval_loss") == theirs[b].mean("eval_loss")]
+        wins = [b for b in shared if candidate_cells[b].mean("eval_loss") < theirs[b].mean("eval_loss")]
+        ties = [b for b in shared if candidate_cells[b].mean("eval_loss") == theirs[b].mean("eval_loss")]
         top = shared[-1]
         out.append(f"{candidate} has a lower eval loss than {other} at {len(wins)} of {len(shared)} shared batch "
                    f"size(s) ({', '.join(shared)}){f', an equal one at {len(ties)}' if ties else ''}; at batch "
-                   f"{top}: {mine[top].fmt('eval_loss')} vs {theirs[top].fmt('eval_loss')}.")
+                   f"{top}: {candidate_cells[top].fmt('eval_loss')} vs {theirs[top].fmt('eval_loss')}.")
     return out
 
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from largebatch.report import paper
-from largebatch.report.plots import plot_eval_loss_vs_samples, plot_lr_schedules, plot_metric_vs_batch
+from largebatch.report.plots import plot_eval_loss_vs_samples, plot_logged_lr, plot_metric_vs_batch
 from largebatch.report.runs import RUN_COLUMNS
 from largebatch.report.summary import findings as compute_findings
 from largebatch.report.summary import fmt, group_cells
@@ -33,7 +33,7 @@ def write_report(rows: list[dict], out_dir: Path, *, unigram: dict | None = None
     files = {"runs.csv": write_runs_csv(rows, out_dir / "runs.csv")}
     files["metric_vs_batch.png"] = plot_metric_vs_batch(cells, out_dir / "metric_vs_batch.png", unigram)
     files["eval_loss_vs_samples.png"] = plot_eval_loss_vs_samples(rows, out_dir / "eval_loss_vs_samples.png")
-    files["lr_schedules.png"] = plot_lr_schedules(rows, out_dir / "lr_schedules.png")
+    files["lr_schedules.png"] = plot_logged_lr(rows, out_dir / "lr_schedules.png")
     prov = gather_provenance(rows, {**(provenance or {}), **({"unigram": unigram} if unigram else {}),
                                     "tolerance": tolerance, "candidate": candidate, "baseline": baseline})
     (out_dir / "provenance.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")

@@ -2,10 +2,10 @@
 
 Typical use, with every duration in epochs::
 
-    spe = steps_per_epoch(num_samples, batch)
+    per_epoch = steps_per_epoch(num_samples, batch)
     scaled = apply_scaling("legw", batch=batch, ref_batch=256, ref_lr=1e-3, ref_warmup_epochs=0.1)
-    lr = build_schedule("linear", peak_lr=scaled.lr, total_steps=epochs_to_steps(epochs, spe),
-                        warmup_steps=epochs_to_steps(scaled.warmup_epochs, spe), steps_per_epoch=spe)
+    lr = build_schedule("linear", peak_lr=scaled.lr, total_steps=epochs_to_steps(epochs, per_epoch),
+                        warmup_steps=epochs_to_steps(scaled.warmup_epochs, per_epoch), steps_per_epoch=per_epoch)
 """
 
 from largebatch.sched.scaling import RULES, Scaled, apply_scaling

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 
-def plot_lr_schedules(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+def plot_planned_lr(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Draw ``rows`` (dicts with ``label``, ``lrs`` and optional ``samples_per_step``) into a PNG.
 
     Step ``s`` is placed at ``(s + 1) * samples_per_step`` samples, the samples seen once it is done,

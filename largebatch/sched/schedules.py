@@ -91,18 +91,18 @@ def build_schedule(
     return lr
 
 
-def _check_run(name: str, total: int, warmup: int, spe: int) -> None:
+def _check_run(name: str, total: int, warmup: int, steps_per_epoch: int) -> None:
     if name not in SCHEDULES:
         raise ConfigError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)} (schedule=NAME)")
     if total <= 0:
         raise ConfigError(f"the run has {total} steps; train for more epochs or use a smaller batch")
-    if spe <= 0:
-        raise ConfigError(f"steps_per_epoch must be positive, got {spe}")
+    if steps_per_epoch <= 0:
+        raise ConfigError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
     if warmup < 0:
         raise ConfigError(f"warmup must be >= 0 steps, got {warmup}; check schedule.warmup_epochs")
     if warmup > total:
         raise ConfigError(
-            f"warmup ({warmup} steps = {warmup / spe:.4g} epochs) is longer than the run ({total} steps); "
+            f"warmup ({warmup} steps = {warmup / steps_per_epoch:.4g} epochs) is longer than the run ({total} steps); "
             "lower schedule.warmup_epochs or train longer"
         )
 
