@@ -93,13 +93,16 @@ class ImageDataConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Options left at None take the optimizer's own (paper) default from the registry."""
+    """Options left at None take the optimizer's own (paper) default from the registry
+    (``largebatch.optim.OPTIMIZERS``, their one home); the YAML files set only what differs. Every option
+    of every entry is a field here, so ``optimizer.<option>=...`` works whatever the file lists."""
 
     name: str = MISSING
     lr: float = MISSING  # peak lr at scaling.ref_batch
     weight_decay: float = 0.0
     betas: list[float] | None = None
     eps: float | None = None
+    mode: str | None = None  # Lars only: lars | larc
     momentum: float | None = None
     nesterov: bool | None = None
     bias_correction: bool | None = None

@@ -14,7 +14,17 @@ import pytest
 import torch
 from torch import nn
 
-from largebatch.optim import OPTIMIZERS, _common, _cpp, create_optimizer, trust_ratio_stats
+from largebatch.optim import (
+    OPTIMIZERS,
+    Lamb,
+    Lars,
+    LarsPaper,
+    _common,
+    _cpp,
+    create_optimizer,
+    describe_optimizers,
+    trust_ratio_stats,
+)
 
 INF = math.inf
 
@@ -162,6 +172,9 @@ CASES = {
     "lars_nesterov": ("lars", dict(nesterov=True, grad_clip_norm=5.0, trust_coefficient=0.02), 0.01,
                       dict(algo="lars", eps=1e-8, nesterov=True, grad_clip=5.0, eta=0.02)),
     "larc": ("larc", dict(trust_coefficient=0.02), 0.01, dict(algo="larc", eps=1e-8, clip=(0.0, 1.0), eta=0.02)),
+    # momentum 0: no buffers (the kernel gets empty tensors in their place)
+    "lars_no_momentum": ("lars", dict(momentum=0.0, trust_coefficient=0.02), 0.01,
+                         dict(algo="lars", eps=1e-8, eta=0.02, momentum=0.0)),
 }
 
 
@@ -453,3 +466,94 @@ def test_non_fp32_params_use_foreach():
     assert opt.last_path == "foreach"
     with pytest.raises(ValueError, match="float32 CPU"):
         create_optimizer(model, "lamb", 0.01, implementation="cpp").step()
+
+
+def test_sparse_gradients_are_refused():
+    for name in ("lamb", "lars", "lars_paper"):
+        p = nn.Parameter(torch.ones(4, 2))
+        p.grad = torch.ones(4, 2).to_sparse()
+        with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+            create_optimizer([p], name, 0.1).step()
+
+
+# ----------------------------------------------------------------------------- one skeleton, one home
+def test_kernel_reads_the_named_columns(cpp_ok):
+    """The field order of _cpp.LambColumns / LarsColumns IS the column order the kernel reads: the
+    kernel reports, by its own struct field names, what it read from each row."""
+    if not cpp_ok:
+        pytest.skip("C++ kernel unavailable")
+    kernel = _cpp.load()
+    for columns, read, flags in [(_cpp.LambColumns, kernel.lamb_columns, ("adapt",)),
+                                 (_cpp.LarsColumns, kernel.lars_columns, ("adapt", "nesterov"))]:
+        # Two rows of distinct whole numbers (exact in float32 and in the int mode column); the boolean
+        # columns 1/0 in the first row, swapped in the second.
+        rows = [columns(**{f: float(f == flags[0]) if f in flags else 2.0 + i
+                           for i, f in enumerate(columns._fields)}),
+                columns(**{f: float(f != flags[0]) if f in flags else 100.0 + i
+                           for i, f in enumerate(columns._fields)})]
+        for k, row in enumerate(rows):
+            assert read(_cpp.table(rows), k) == row._asdict(), (columns.__name__, k)
+        with pytest.raises(RuntimeError, match="columns"):
+            read(_cpp.table(rows)[:, :-1], 0)
+    assert len(_cpp.LambColumns._fields) == 14 and len(_cpp.LarsColumns._fields) == 13
+
+
+def test_registry_entries_are_described_data():
+    for name, spec in OPTIMIZERS.items():
+        assert spec.name == name
+        assert spec.description and "\n" not in spec.description and len(spec.description) <= 100, name
+        if spec.base is not None:
+            base = OPTIMIZERS[spec.base]
+            assert base.base is None and base.cls is spec.cls, name
+            assert set(spec.defaults) == set(base.defaults), name  # the diff below is complete
+            assert any(spec.defaults[k] != v for k, v in base.defaults.items()), f"{name} equals {spec.base}"
+        assert not any(callable(v) for v in spec.defaults.values()), name
+
+
+def test_describe_optimizers_lists_every_entry_and_what_it_changes():
+    table = describe_optimizers()
+    lines = table.splitlines()
+    assert lines[0].split() == ["name", "is", "description"] and set(lines[1]) <= {"-", " "}
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert list(rows) == list(OPTIMIZERS)
+    for name, spec in OPTIMIZERS.items():
+        assert rows[name].rstrip().endswith(spec.description), name
+    assert "  lamb + grad_clip_norm=1.0  " in rows["nvlamb"]
+    assert "  lamb + bias_correction=False  " in rows["lamb_v3"]
+    assert "  lars + mode=larc, trust_clip=1.0  " in rows["larc"]
+    assert "  sgd + nesterov=True  " in rows["nesterov"]
+    assert "  Lamb  " in rows["lamb"] and "  LarsPaper  " in rows["lars_paper"]
+    assert "  torch.optim.AdamW  " in rows["adamw"]
+
+
+@pytest.mark.parametrize("cls,entry", [(Lamb, "lamb"), (Lars, "lars"), (LarsPaper, "lars_paper")])
+def test_classes_take_their_defaults_from_the_registry(cls, entry):
+    opt = cls([nn.Parameter(torch.ones(3))], lr=0.1)
+    defaults = OPTIMIZERS[entry].defaults
+    group_keys = set(opt.defaults) - {"lr", "weight_decay", "adapt"}
+    assert group_keys == set(defaults) - {"grad_clip_norm", "implementation", "exclude_from_weight_decay",
+                                          "exclude_from_adaptation"}
+    for key in group_keys:
+        want = defaults[key]
+        assert opt.defaults[key] == (tuple(want) if isinstance(want, list) else want), key
+    assert opt.grad_clip_norm == defaults["grad_clip_norm"] and opt.implementation == defaults["implementation"]
+    assert opt.defaults["weight_decay"] == 0.0 and opt.defaults["adapt"] is True
+
+
+def test_option_checks():
+    p = [nn.Parameter(torch.ones(3))]
+    with pytest.raises(ValueError, match="LarsPaper"):
+        Lars(p, lr=0.1, mode="lamb_paper")
+    with pytest.raises(ValueError, match="nesterov needs momentum"):
+        Lars(p, lr=0.1, momentum=0.0, nesterov=True)
+    with pytest.raises(ValueError, match="normalises the momentum"):
+        LarsPaper(p, lr=0.1, momentum=0.0)
+    with pytest.raises(ValueError, match="betas"):
+        Lamb(p, lr=0.1, betas=(0.9, 1.0))
+    for cls in (Lamb, Lars, LarsPaper):
+        with pytest.raises(ValueError, match="grad_clip_norm"):
+            cls(p, lr=0.1, grad_clip_norm=0.0)
+        with pytest.raises(ValueError, match="clamp_weight_norm"):
+            cls(p, lr=0.1, clamp_weight_norm=-1.0)
+        with pytest.raises(ValueError, match=">= 0"):
+            cls(p, lr=-0.1)

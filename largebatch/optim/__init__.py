@@ -4,27 +4,34 @@
     opt = create_optimizer(model, "lamb", lr=1e-3, weight_decay=0.01)
     ...; opt.step(); trust_ratio_stats(opt)  # {"trust_ratio/min": ..., "trust_ratio/mean": ..., ...}
 
-Variants are entries of :data:`OPTIMIZERS` (one class per algorithm, other defaults), as in timm.
+Variants are entries of :data:`OPTIMIZERS` (one class per algorithm, other defaults), as in timm; the
+registry is the one home of every option's default (the classes fill options left at None from it, the
+YAML files under conf/optimizer/ state only what differs). :func:`describe_optimizers` lists them.
 Depends on torch only. ``implementation`` for LAMB/LARS: ``"auto"`` (C++ kernel for fp32 CPU tensors
 when it builds, else foreach), ``"cpp"``, ``"foreach"`` (any device, CUDA included); for the torch
-baselines: ``"auto"`` (fused where supported, else foreach), ``"fused"``, ``"foreach"``.
+baselines: ``"auto"`` (fused where supported and every parameter is dense, else foreach), ``"fused"``,
+``"foreach"``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import baselines
+from ._trust_ratio import TrustRatioOptimizer
 from .lamb import Lamb
 from .lars import Lars
+from .lars_paper import LarsPaper
 from .param_groups import build_param_groups, describe_groups
 
-__all__ = ["OPTIMIZERS", "Lamb", "Lars", "OptimizerSpec", "build_cpu_kernels", "build_param_groups",
-           "create_optimizer", "describe_groups", "trust_ratio_stats"]
+__all__ = ["OPTIMIZERS", "Lamb", "Lars", "LarsPaper", "OptimizerSpec", "build_cpu_kernels", "build_param_groups",
+           "create_optimizer", "describe_groups", "describe_optimizers", "trust_ratio_stats"]
 
 
 def build_cpu_kernels() -> bool:
@@ -37,50 +44,83 @@ def build_cpu_kernels() -> bool:
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """A registry entry: a builder and the default of every option it accepts (None = off)."""
+    """A registry entry, plain data (after timm's ``OptimInfo``)."""
 
-    builder: Callable[..., torch.optim.Optimizer]
-    defaults: dict = field(default_factory=dict)
-    adapts: bool = False  # has trust ratios (accepts exclude_from_adaptation)
-    help: str = ""
+    name: str
+    cls: type[torch.optim.Optimizer]  # ours (a TrustRatioOptimizer) or one of baselines.TORCH_BASELINES
+    description: str  # one line: what it is and where it comes from
+    defaults: Mapping[str, Any]  # every option it takes, with its default (None = off)
+    base: str | None = None  # the entry it is a variant of: describe_optimizers() lists what differs
 
+    def __post_init__(self):  # an entry's own read-only copy: entries may be built from shared dicts
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
 
-_EXCLUDE = {"exclude_from_weight_decay": None}
-_LAMB = dict(betas=(0.9, 0.999), eps=1e-6, bias_correction=True, trust_clip=None, clamp_weight_norm=None,
-             grad_clip_norm=None, implementation="auto", exclude_from_adaptation=None, **_EXCLUDE)
-_LARS = dict(momentum=0.9, nesterov=False, trust_coefficient=0.001, eps=1e-8, trust_clip=None,
-             clamp_weight_norm=None, grad_clip_norm=None, implementation="auto",
-             exclude_from_adaptation=None, **_EXCLUDE)
-_LARS_PAPER = {k: v for k, v in _LARS.items() if k not in ("nesterov", "eps")} | {"trust_coefficient": 1.0}
-_ADAM = dict(betas=(0.9, 0.999), eps=1e-8, grad_clip_norm=None, implementation="auto", **_EXCLUDE)
-_SGD = dict(momentum=0.9, nesterov=False, grad_clip_norm=None, implementation="auto", **_EXCLUDE)
+    @property
+    def adapts(self) -> bool:
+        """Has trust ratios (and accepts exclude_from_adaptation)."""
+        return issubclass(self.cls, TrustRatioOptimizer)
 
 
-def _lamb(**overrides):
-    return OptimizerSpec(Lamb, {**_LAMB, **overrides}, adapts=True)
+# Shared option sets. Sources: LAMB betas 0.9/0.999 (paper, all experiments), eps 1e-6 (the authors' BERT
+# code); LARS eta 0.001 and momentum 0.9 (2017 paper), eps 1e-8 (apex/timm); the LAMB paper's LARS has
+# eta 1 (phi = identity); Adam eps 1e-8 and betas (Kingma & Ba 2015); Adagrad eps 1e-10 (torch).
+_BASE = dict(grad_clip_norm=None, implementation="auto", exclude_from_weight_decay=None)
+_ADAPT = dict(trust_clip=None, clamp_weight_norm=None, exclude_from_adaptation=None, **_BASE)
+_LAMB = dict(betas=(0.9, 0.999), eps=1e-6, bias_correction=True, **_ADAPT)
+_LARS = dict(mode="lars", momentum=0.9, nesterov=False, trust_coefficient=0.001, eps=1e-8, **_ADAPT)
+_ADAM = dict(betas=(0.9, 0.999), eps=1e-8, **_BASE)
+_SGD = dict(momentum=0.9, nesterov=False, **_BASE)
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
+    OptimizerSpec(name="lamb", cls=Lamb, defaults=_LAMB,
+                  description="LAMB, arXiv 1904.00962 v5 Alg. 2: Adam step rescaled per tensor by ||x||/||step||"),
+    OptimizerSpec(name="lamb_v3", cls=Lamb, base="lamb", defaults=dict(_LAMB, bias_correction=False),
+                  description="LAMB as in v3 of arXiv 1904.00962, without bias correction"),
+    OptimizerSpec(name="lamb_v1", cls=Lamb, base="lamb", defaults=dict(_LAMB, trust_clip=10.0),
+                  description="LAMB as in v1 of arXiv 1904.00962, which clipped the trust ratio"),
+    OptimizerSpec(name="nvlamb", cls=Lamb, base="lamb", defaults=dict(_LAMB, grad_clip_norm=1.0),
+                  description="NVLAMB (apex FusedLAMB, NVIDIA's BERT recipe): LAMB after a global grad-norm clip"),
+    OptimizerSpec(name="lambc", cls=Lamb, base="lamb", defaults=dict(_LAMB, trust_clip=1.0),
+                  description="LAMBC (timm's trust_clip=True): LAMB with the trust ratio capped"),
+    OptimizerSpec(name="lars_paper", cls=LarsPaper, defaults=dict(momentum=0.9, trust_coefficient=1.0, **_ADAPT),
+                  description="LARS as LAMB paper Alg. 1 (arXiv 1904.00962): step lr*||x||/||m||*m on dampened "
+                              "momentum"),
+    OptimizerSpec(name="lars", cls=Lars, defaults=_LARS,
+                  description="LARS, arXiv 1708.03888 as apex/timm: g + wd*x scaled by eta*||x||/(||g|| + "
+                              "wd*||x||), then momentum"),
+    OptimizerSpec(name="larc", cls=Lars, base="lars", defaults=dict(_LARS, mode="larc", trust_clip=1.0),
+                  description="LARC (apex LARC clip mode): LARS with each tensor's rate capped at lr"),
+    OptimizerSpec(name="adamw", cls=torch.optim.AdamW, defaults=_ADAM,
+                  description="AdamW (Loshchilov & Hutter 2019): Adam with decoupled weight decay"),
+    OptimizerSpec(name="adam", cls=torch.optim.Adam, defaults=_ADAM,
+                  description="Adam (Kingma & Ba 2015): weight decay coupled as L2"),
+    OptimizerSpec(name="adagrad", cls=torch.optim.Adagrad, defaults=dict(eps=1e-10, **_BASE),
+                  description="Adagrad (Duchi et al. 2011)"),
+    OptimizerSpec(name="sgd", cls=torch.optim.SGD, defaults=_SGD, description="SGD with heavy-ball momentum"),
+    OptimizerSpec(name="nesterov", cls=torch.optim.SGD, base="sgd", defaults=dict(_SGD, nesterov=True),
+                  description="SGD with Nesterov momentum, the tuned baseline of Nado et al. 2021"),
+]}
 
 
-def _lars(mode, defaults, **overrides):
-    return OptimizerSpec(lambda params, **kw: Lars(params, mode=mode, **kw), {**defaults, **overrides},
-                         adapts=True)
+def _changes(spec: OptimizerSpec) -> str:
+    """What the entry changes relative to its base ("lamb + grad_clip_norm=1.0"), or the class it builds."""
+    if spec.base is None:
+        module = "torch.optim." if spec.cls.__module__.startswith("torch.") else ""
+        return f"{module}{spec.cls.__name__}"
+    base = OPTIMIZERS[spec.base].defaults
+    diff = [f"{k}={v}" for k, v in spec.defaults.items() if base[k] != v]
+    return f"{spec.base} + {', '.join(diff)}"
 
 
-OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "lamb": _lamb(),  # arXiv 1904.00962 v5, Alg. 2
-    "lamb_v3": _lamb(bias_correction=False),  # v3 of the paper dropped bias correction
-    "lamb_v1": _lamb(trust_clip=10.0),  # v1 clipped the trust ratio at 10
-    "nvlamb": _lamb(grad_clip_norm=1.0),  # NVIDIA: global grad norm clipped to 1 before the update
-    "lambc": _lamb(trust_clip=1.0),  # timm's trust_clip: ratio <= 1
-    "lars_paper": _lars("lamb_paper", _LARS_PAPER),  # LAMB paper Alg. 1: normalises the momentum
-    "lars": _lars("lars", _LARS),  # You, Gitman, Ginsburg 2017, as apex/timm
-    "larc": _lars("larc", _LARS, trust_clip=1.0),  # apex LARC clip mode: min(local_lr/lr, 1)
-    "adamw": OptimizerSpec(baselines.adamw, dict(_ADAM)),
-    "adam": OptimizerSpec(baselines.adam, dict(_ADAM)),
-    "adagrad": OptimizerSpec(baselines.adagrad, dict(eps=1e-10, grad_clip_norm=None, implementation="auto",
-                                                     **_EXCLUDE)),
-    "sgd": OptimizerSpec(baselines.sgd, dict(_SGD)),
-    "nesterov": OptimizerSpec(baselines.sgd, dict(_SGD, nesterov=True)),
-}
+def describe_optimizers() -> str:
+    """A table of every registry entry: its name, what it is built as (a class, or its base entry plus the
+    defaults it changes) and a one-line description."""
+    rows = [("name", "is", "description")]
+    rows += [(spec.name, _changes(spec), spec.description) for spec in OPTIMIZERS.values()]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    lines = [f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}" for row in rows]
+    lines.insert(1, f"{'-' * widths[0]}  {'-' * widths[1]}  {'-' * len('description')}")
+    return "\n".join(lines)
 
 
 def create_optimizer(
@@ -118,7 +158,9 @@ def create_optimizer(
         raise ValueError("exclude_from_* patterns need parameter names: pass the module or named_parameters()")
     else:
         params = model_or_params
-    return spec.builder(params, lr=lr, weight_decay=weight_decay, **opts)
+    if spec.adapts:
+        return spec.cls(params, lr=lr, weight_decay=weight_decay, **opts)
+    return baselines.build(spec.cls, params, lr=lr, weight_decay=weight_decay, **opts)
 
 
 def trust_ratio_stats(opt: torch.optim.Optimizer, per_layer: bool = False) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Helpers shared by the trust-ratio optimizers: option parsing, path choice, grad pre-clip, ratio records."""
+"""Helpers of the trust-ratio optimizers: option parsing, path choice, grad pre-clip, norms, ratio records."""
 
 from __future__ import annotations
 
@@ -86,6 +86,12 @@ def safe_ratio(num: torch.Tensor, den: torch.Tensor, lo: float, hi: float) -> to
 
 def stacked_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors))
+
+
+def weight_norms(xs: list[torch.Tensor], clamp: float | None) -> torch.Tensor:
+    """||x|| per tensor, clamped to [0, clamp] when given (LAMB v1's phi; ``clamp_weight_norm``)."""
+    norms = stacked_norms(xs)
+    return norms if clamp is None else norms.clamp(max=clamp)
 
 
 def record_trust_ratios(opt: torch.optim.Optimizer, params: list[torch.Tensor], ratios: torch.Tensor | None):

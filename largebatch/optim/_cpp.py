@@ -8,7 +8,8 @@ first) and do both passes alone, so there is no barrier per tensor: on a shared,
 descheduled thread no longer stalls the others. Only a tensor bigger than one thread's share of the work
 is split across threads. Norms are summed per fixed 32k-element block, then in block order, so results do
 not depend on the thread count. Pass 2 walks the blocks in reverse so that the tail pass 1 just touched
-is still in cache.
+is still in cache. Hyperparameters travel as a float64 table, one row per tensor, built from the named
+columns of :class:`LambColumns` / :class:`LarsColumns`.
 
 The build happens on the first CPU step (or :func:`load`), never at import; it takes ~20 s once and is
 cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``). If it fails, :func:`load` returns
@@ -19,8 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
-import time
+from typing import NamedTuple
 
 import torch
 
@@ -33,12 +35,16 @@ _SOURCE = r"""
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <map>
+#include <string>
 #include <vector>
 
 namespace {
 constexpr int64_t kBlock = 1 << 15;   // reduction block: fixed, so sums are thread-count independent
 constexpr int64_t kInner = 1024;      // float accumulation run before adding into a double
 constexpr int64_t kSmall = 1 << 16;   // below this much work in all, no threads are started
+constexpr int64_t kLambColumns = 14;  // width of lamb_step's hp table (_cpp.LambColumns)
+constexpr int64_t kLarsColumns = 13;  // width of lars_step's hp table (_cpp.LarsColumns)
 
 // Ratio := 1 when either norm is 0 (LAMB paper; timm; apex), then clipped to [lo, hi].
 inline float clip_ratio(double num, double den, double lo, double hi) {
@@ -47,15 +53,18 @@ inline float clip_ratio(double num, double den, double lo, double hi) {
 }
 
 // ---------------------------------------------------------------- LAMB
-// hp columns: lr wd b1 b2 1-b1 1-b2 inv_bc1 inv_sqrt_bc2 eps gscale clamp_w lo hi adapt
+// One row of the hp table per tensor; lamb_hp() below fixes the column order, which the Python side
+// writes from _cpp.LambColumns (same field names; tests check the pair through lamb_columns()).
 // (1-b computed in double by the caller: 1-0.999f in float is off by 1e-5 relative)
 struct LambHp {
-  float lr, wd, b1, b2, c1, c2, inv_bc1, inv_sqrt_bc2, eps, gs; double clamp_w, lo, hi; bool adapt;
+  float lr, wd, b1, b2, one_minus_b1, one_minus_b2, inv_bc1, inv_sqrt_bc2, eps, grad_scale;
+  double clamp_w, clip_lo, clip_hi;
+  bool adapt;
 };
 
 inline void lamb_pass1(float* __restrict x, const float* __restrict g, float* __restrict m, float* __restrict v,
                        int64_t b, int64_t e, const LambHp& h, double& sx, double& su) {
-  const float c1 = h.c1, c2 = h.c2, b1 = h.b1, b2 = h.b2, gs = h.gs;
+  const float c1 = h.one_minus_b1, c2 = h.one_minus_b2, b1 = h.b1, b2 = h.b2, gs = h.grad_scale;
   const float ib1 = h.inv_bc1, isb2 = h.inv_sqrt_bc2, eps = h.eps, wd = h.wd;
   for (int64_t s = b; s < e; s += kInner) {
     const int64_t t = std::min(s + kInner, e);
@@ -88,10 +97,10 @@ inline void lamb_pass2(float* __restrict x, const float* __restrict m, const flo
 
 // Unadapted tensors: one fused pass, exactly Adam with decoupled decay inside the update.
 inline void lamb_plain(float* x, const float* g, float* m, float* v, int64_t b, int64_t e, const LambHp& h) {
-  const float c1 = h.c1, c2 = h.c2;
+  const float c1 = h.one_minus_b1, c2 = h.one_minus_b2;
 #pragma omp simd
   for (int64_t i = b; i < e; ++i) {
-    const float gi = g[i] * h.gs;
+    const float gi = g[i] * h.grad_scale;
     const float mi = h.b1 * m[i] + c1 * gi;
     const float vi = h.b2 * v[i] + c2 * gi * gi;
     m[i] = mi;
@@ -107,14 +116,19 @@ LambHp lamb_hp(const at::TensorAccessor<double, 2>& a, int64_t k) {
 }
 
 float lamb_ratio(double sx, double su, const LambHp& h) {
-  return clip_ratio(std::min(std::sqrt(sx), h.clamp_w), std::sqrt(su), h.lo, h.hi);
+  return clip_ratio(std::min(std::sqrt(sx), h.clamp_w), std::sqrt(su), h.clip_lo, h.clip_hi);
 }
 
 // ---------------------------------------------------------------- LARS
-// hp columns: lr wd momentum nesterov coeff eps gscale clamp_w lo hi adapt mode 1-momentum
-// mode 0: LARS 2017 (ratio on g + wd*x before momentum), 1: LARC (ratio/lr clipped), 2: LAMB paper Alg. 1
+// Column order: lars_hp() below; the Python side writes it from _cpp.LarsColumns (same field names).
+// mode (_cpp.LARS_MODES) 0: LARS 2017 (ratio on g + wd*x before momentum), 1: LARC (ratio/lr clipped),
+// 2: lars_paper, the LAMB paper's Alg. 1 (ratio on the dampened momentum)
 struct LarsHp {
-  float lr, wd, mom, coeff, eps, gs; double clamp_w, lo, hi; bool nesterov, adapt; int mode; float c1;
+  float lr, wd, momentum, trust_coefficient, eps, grad_scale;
+  double clamp_w, clip_lo, clip_hi;
+  bool nesterov, adapt;
+  int mode;
+  float one_minus_momentum;
 };
 
 LarsHp lars_hp(const at::TensorAccessor<double, 2>& a, int64_t k) {
@@ -126,7 +140,7 @@ LarsHp lars_hp(const at::TensorAccessor<double, 2>& a, int64_t k) {
 // pass 1: mode 0/1 reads x, g -> ||x||^2, ||g||^2; mode 2 also updates m -> ||x||^2, ||m||^2.
 inline void lars_pass1(const float* __restrict x, const float* __restrict g, float* __restrict buf, int64_t b,
                        int64_t e, const LarsHp& h, double& sx, double& sy) {
-  const float c1 = h.c1, mom = h.mom, gs = h.gs, wd = h.wd;
+  const float c1 = h.one_minus_momentum, mom = h.momentum, gs = h.grad_scale, wd = h.wd;
   for (int64_t s = b; s < e; s += kInner) {
     const int64_t t = std::min(s + kInner, e);
     float ax = 0.f, ay = 0.f;
@@ -157,7 +171,7 @@ inline void lars_pass1(const float* __restrict x, const float* __restrict g, flo
 // may alias the struct and forces a reload per vector.
 inline void lars_pass2(float* __restrict x, const float* __restrict g, float* __restrict buf, int64_t b, int64_t e,
                        const LarsHp& h, float ratio) {
-  const float lr = h.lr, mom = h.mom, wd = h.wd, gs = h.gs;
+  const float lr = h.lr, mom = h.momentum, wd = h.wd, gs = h.grad_scale;
   if (h.mode == 2) {
     const float step = lr * ratio;
 #pragma omp simd
@@ -185,12 +199,12 @@ inline void lars_pass2(float* __restrict x, const float* __restrict g, float* __
 
 float lars_ratio(double sx, double sy, const LarsHp& h) {
   const double xn = std::min(std::sqrt(sx), h.clamp_w), yn = std::sqrt(sy);
-  if (h.mode == 2) return clip_ratio(h.coeff * xn, yn, h.lo, h.hi);
+  if (h.mode == 2) return clip_ratio(h.trust_coefficient * xn, yn, h.clip_lo, h.clip_hi);
   const double den = yn + h.wd * xn;  // eps only guards the division, not the zero rule
-  if (!(xn > 0.0 && den > 0.0)) return (float)std::min(std::max(1.0, h.lo), h.hi);
-  double r = h.coeff * xn / (den + h.eps);
+  if (!(xn > 0.0 && den > 0.0)) return (float)std::min(std::max(1.0, h.clip_lo), h.clip_hi);
+  double r = h.trust_coefficient * xn / (den + h.eps);
   if (h.mode == 1) r /= h.lr;  // LARC: the clip applies to local_lr / lr
-  return (float)std::min(std::max(r, h.lo), h.hi);
+  return (float)std::min(std::max(r, h.clip_lo), h.clip_hi);
 }
 
 float* fptr(const torch::Tensor& t) { return t.data_ptr<float>(); }
@@ -271,11 +285,17 @@ void check(const std::vector<torch::Tensor>& ts, const std::vector<torch::Tensor
                 what, ": expected contiguous float32 CPU tensors shaped like the params");
   }
 }
+
+void check_hp(const torch::Tensor& hp, int64_t columns, const char* what) {
+  TORCH_CHECK(hp.dtype() == torch::kFloat64 && hp.dim() == 2 && hp.size(1) == columns, what,
+              ": the hp table must be float64 with ", columns, " columns");
+}
 }  // namespace
 
 torch::Tensor lamb_step(std::vector<torch::Tensor> xs, std::vector<torch::Tensor> gs,
                         std::vector<torch::Tensor> ms, std::vector<torch::Tensor> vs, torch::Tensor hp) {
   check(xs, xs, "params"); check(gs, xs, "grads"); check(ms, xs, "exp_avg"); check(vs, xs, "exp_avg_sq");
+  check_hp(hp, kLambColumns, "lamb_step");
   auto p1 = [&](int64_t k, int64_t b, int64_t e, const LambHp& h, double& s1, double& s2) {
     lamb_pass1(fptr(xs[k]), fptr(gs[k]), fptr(ms[k]), fptr(vs[k]), b, e, h, s1, s2);
   };
@@ -291,7 +311,7 @@ torch::Tensor lamb_step(std::vector<torch::Tensor> xs, std::vector<torch::Tensor
 // bufs may be empty tensors for momentum 0 (modes 0/1 only).
 torch::Tensor lars_step(std::vector<torch::Tensor> xs, std::vector<torch::Tensor> gs,
                         std::vector<torch::Tensor> bufs, torch::Tensor hp) {
-  check(xs, xs, "params"); check(gs, xs, "grads");
+  check(xs, xs, "params"); check(gs, xs, "grads"); check_hp(hp, kLarsColumns, "lars_step");
   TORCH_CHECK(bufs.size() == xs.size(), "momentum buffers: list length mismatch");
   auto bp = [&](int64_t k) { return bufs[k].numel() ? fptr(bufs[k]) : nullptr; };
   auto p1 = [&](int64_t k, int64_t b, int64_t e, const LarsHp& h, double& s1, double& s2) {
@@ -307,18 +327,94 @@ torch::Tensor lars_step(std::vector<torch::Tensor> xs, std::vector<torch::Tensor
   };
   return run<LarsHp>((int64_t)xs.size(), hp, lars_hp, p1, p2, plain, lars_ratio, xs);
 }
+
+// What the kernels read from row k of an hp table, keyed by the struct's own field names (the names
+// _cpp.LambColumns / _cpp.LarsColumns use): the test that the Python column order is the kernel's.
+#define LB_FIELD(f) {#f, (double)h.f}
+std::map<std::string, double> lamb_columns(torch::Tensor hp, int64_t k) {
+  check_hp(hp, kLambColumns, "lamb_columns");
+  TORCH_CHECK(0 <= k && k < hp.size(0), "lamb_columns: no row ", k);
+  const LambHp h = lamb_hp(hp.accessor<double, 2>(), k);
+  return {LB_FIELD(lr), LB_FIELD(wd), LB_FIELD(b1), LB_FIELD(b2), LB_FIELD(one_minus_b1),
+          LB_FIELD(one_minus_b2), LB_FIELD(inv_bc1), LB_FIELD(inv_sqrt_bc2), LB_FIELD(eps),
+          LB_FIELD(grad_scale), LB_FIELD(clamp_w), LB_FIELD(clip_lo), LB_FIELD(clip_hi), LB_FIELD(adapt)};
+}
+
+std::map<std::string, double> lars_columns(torch::Tensor hp, int64_t k) {
+  check_hp(hp, kLarsColumns, "lars_columns");
+  TORCH_CHECK(0 <= k && k < hp.size(0), "lars_columns: no row ", k);
+  const LarsHp h = lars_hp(hp.accessor<double, 2>(), k);
+  return {LB_FIELD(lr), LB_FIELD(wd), LB_FIELD(momentum), LB_FIELD(trust_coefficient), LB_FIELD(eps),
+          LB_FIELD(grad_scale), LB_FIELD(clamp_w), LB_FIELD(clip_lo), LB_FIELD(clip_hi), LB_FIELD(nesterov),
+          LB_FIELD(adapt), LB_FIELD(mode), LB_FIELD(one_minus_momentum)};
+}
+#undef LB_FIELD
 """
+
+
+
+class LambColumns(NamedTuple):
+    """One row of ``lamb_step``'s hyperparameter table. The field order IS the kernel's column order
+    (``lamb_hp`` in the source) and the names are ``LambHp``'s fields; tests check both through the
+    kernel's ``lamb_columns``. Every tensor of a group gets its group's row."""
+
+    lr: float
+    wd: float  # weight decay, decoupled, inside the trust-ratio norm
+    b1: float
+    b2: float
+    one_minus_b1: float  # 1 - b1 in float64: 1 - 0.999f in float32 is off by 1e-5 relative
+    one_minus_b2: float
+    inv_bc1: float  # 1 / (1 - b1^t), 1 without bias correction
+    inv_sqrt_bc2: float  # 1 / sqrt(1 - b2^t)
+    eps: float
+    grad_scale: float  # NVLAMB's global pre-clip factor, 1 when off
+    clamp_w: float  # ||x|| is clamped to [0, clamp_w] in the ratio; inf when off
+    clip_lo: float  # trust-ratio clip
+    clip_hi: float
+    adapt: float  # 1: trust ratio on, 0: plain AdamW step
+
+
+class LarsColumns(NamedTuple):
+    """One row of ``lars_step``'s hyperparameter table: field order = column order (``lars_hp``), names =
+    ``LarsHp``'s fields, both checked through the kernel's ``lars_columns``."""
+
+    lr: float
+    wd: float
+    momentum: float
+    nesterov: float  # 1 / 0
+    trust_coefficient: float  # eta
+    eps: float  # guards local_lr's division (modes lars, larc)
+    grad_scale: float  # global pre-clip factor, 1 when off
+    clamp_w: float  # inf when off
+    clip_lo: float
+    clip_hi: float
+    adapt: float  # 1 / 0
+    mode: float  # LARS_MODES
+    one_minus_momentum: float  # the dampening of lars_paper's momentum
+
+
+LARS_MODES = {"lars": 0, "larc": 1, "lars_paper": 2}  # lars_step's ``mode`` column
+
+
+def table(rows: list[NamedTuple]) -> torch.Tensor:
+    """The float64 hp table a kernel reads: one row per tensor."""
+    return torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float64)
+
+
+def no_clamp(value: float | None) -> float:
+    """The clamp_w column: inf for "off"."""
+    return math.inf if value is None else float(value)
+
 
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]  # no errno: sqrt vectorises
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
-build_seconds: float | None = None  # wall time of the build/load in this process, for the benchmark
 
 
 def load(verbose: bool = False):
     """Build (first time) or load the kernels; returns the module, or None if the build failed."""
-    global _module, _failed, build_seconds
+    global _module, _failed
     with _lock:
         if _module is not None or _failed is not None:
             return _module
@@ -326,12 +422,11 @@ def load(verbose: bool = False):
 
         # The name carries a hash of source and flags: a changed kernel never loads a stale build.
         digest = hashlib.sha1((_SOURCE + " ".join(_FLAGS) + torch.__version__).encode()).hexdigest()[:12]
-        start = time.perf_counter()
         try:
             _module = load_inline(
                 name=f"largebatch_optim_{digest}",
                 cpp_sources=[_SOURCE],
-                functions=["lamb_step", "lars_step"],
+                functions=["lamb_step", "lars_step", "lamb_columns", "lars_columns"],
                 extra_cflags=_FLAGS,
                 extra_ldflags=["-fopenmp"],
                 verbose=verbose,
@@ -339,7 +434,6 @@ def load(verbose: bool = False):
         except Exception as exc:  # any compiler/linker problem: fall back, never crash training
             _failed = f"{type(exc).__name__}: {str(exc)[-2000:]}"
             log.warning("largebatch.optim: C++ kernel build failed, using the foreach path: %s", _failed)
-        build_seconds = time.perf_counter() - start
         return _module
 
 

@@ -1,27 +1,24 @@
-"""LARS: layer-wise adaptive rate scaling, in the two forms the LAMB paper compares against.
+"""LARS: layer-wise adaptive rate scaling (You, Gitman, Ginsburg, "Large Batch Training of Convolutional
+Networks", arXiv 1708.03888, 2017), as libraries ship it (NVIDIA apex ``LARC``, timm ``Lars``).
 
-``mode="lars"`` / ``"larc"`` — You, Gitman, Ginsburg, "Large Batch Training of Convolutional Networks"
-(arXiv 1708.03888, 2017), as libraries ship it (NVIDIA apex ``LARC``, timm ``Lars``). For every tensor::
+``mode="lars"``: for every tensor::
 
     local_lr = eta * ||x|| / (||g|| + wd*||x|| + eps)      eta = trust_coefficient (0.001)
     u = local_lr * (g + wd*x)                               the ratio acts BEFORE momentum
     buf = momentum*buf + u ;  x = x - lr * buf              (nesterov: x -= lr*(u + momentum*buf))
 
-``larc`` (apex's "clip" mode) replaces local_lr by min(local_lr/lr, 1), so a tensor's effective rate is
-min(local_lr, lr). ``trust_clip`` clips local_lr (lars) or local_lr/lr (larc, default upper bound 1).
+``mode="larc"`` (registry entry ``larc``, apex's "clip" mode) replaces local_lr by min(local_lr/lr, 1), so
+a tensor's effective rate is min(local_lr, lr). ``trust_clip`` clips local_lr (lars) or local_lr/lr (larc,
+default upper bound 1). The LARS of the LAMB paper's Algorithm 1, which normalises the momentum instead,
+is :class:`largebatch.optim.lars_paper.LarsPaper` (registry entry ``lars_paper``).
 
-``mode="lamb_paper"`` — Algorithm 1 of the LAMB paper (arXiv 1904.00962), which normalises the momentum::
+The ratio is 1 when ||x|| or the denominator is 0, and tensors in a group with ``adapt=False`` (biases
+and norm weights by default) take ratio 1: that is exactly ``torch.optim.SGD(momentum, nesterov,
+weight_decay)``. Options left at None take the defaults of the registry entry ``lars``, their one home.
 
-    m = b1*m + (1-b1)*(g + wd*x) ;  x = x - lr * eta*||x|| / ||m|| * m     (b1 = momentum, eta = 1)
-
-For all modes the ratio is 1 when ||x|| or the denominator is 0, and tensors in a group with
-``adapt=False`` (biases and norm weights by default) take ratio 1: with mode lars/larc that is exactly
-``torch.optim.SGD(momentum, nesterov, weight_decay)``; with lamb_paper it is x -= lr*m on the dampened
-momentum (m starts at 0, where torch's SGD would seed its buffer with the first gradient).
-
-Implementation it follows: timm ``Lars`` (timm/optim/lars.py) and apex ``LARC`` for lars/larc, the
-paper's formula for lamb_paper. Paths: ``"cpp"`` (two-pass CPU kernel, :mod:`largebatch.optim._cpp`),
-``"foreach"`` (any device), ``"auto"``.
+Implementation it follows: timm ``Lars`` (timm/optim/lars.py) and apex ``LARC``. Paths: ``"cpp"``
+(two-pass CPU kernel, :mod:`largebatch.optim._cpp`), ``"foreach"`` (any device), ``"auto"``; the shared
+skeleton is :mod:`largebatch.optim._trust_ratio`.
 
 Deviations, all deliberate:
 
@@ -35,147 +32,72 @@ Deviations, all deliberate:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _common, _cpp
+from ._trust_ratio import GroupBatch, TrustRatioOptimizer
 
-MODES = {"lars": 0, "larc": 1, "lamb_paper": 2}
+MODES = ("lars", "larc")
 
 
-class Lars(torch.optim.Optimizer):
-    """LARS/LARC (arXiv 1708.03888) or LAMB-paper Alg. 1 LARS, chosen by ``mode``. Param-group key
-    ``adapt`` (default True) turns the ratio on or off per group."""
+class Lars(TrustRatioOptimizer):
+    """LARS / LARC (arXiv 1708.03888), chosen by ``mode``. Options left at None take registry entry
+    ``lars``'s default. Param-group key ``adapt`` (default True) turns the ratio on or off per group."""
 
-    def __init__(
-        self,
-        params,
-        lr: float = 1.0,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        nesterov: bool = False,
-        trust_coefficient: float = 0.001,
-        eps: float = 1e-8,
-        trust_clip=None,
-        clamp_weight_norm: float | None = None,
-        grad_clip_norm: float | None = None,
-        mode: str = "lars",
-        implementation: str = "auto",
-    ):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-        if lr < 0 or weight_decay < 0 or eps < 0 or not 0 <= momentum < 1:
-            raise ValueError("lr, weight_decay, eps must be >= 0 and momentum in [0, 1)")
-        if nesterov and (momentum <= 0 or mode == "lamb_paper"):
-            raise ValueError("nesterov needs momentum > 0 and mode lars or larc")
-        if mode == "lamb_paper" and momentum == 0:
-            raise ValueError("mode lamb_paper normalises the momentum: momentum must be > 0")
-        if grad_clip_norm is not None and grad_clip_norm <= 0:
-            raise ValueError(f"grad_clip_norm must be > 0 or None, got {grad_clip_norm}")
-        _common.parse_trust_clip(trust_clip)
-        defaults = dict(
-            lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-            trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip,
-            clamp_weight_norm=clamp_weight_norm, mode=mode, adapt=True,
-        )
-        super().__init__(params, defaults)
-        self.grad_clip_norm = grad_clip_norm
-        self.implementation = _common.check_implementation(implementation)
-        self.last_path: str | None = None
+    registry_name = "lars"
+    kernel = "lars_step"
+    kernel_states = 1
 
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["grad_clip_norm"] = self.grad_clip_norm
-        return sd
+    def __init__(self, params, lr: float, *, weight_decay: float = 0.0, mode: str | None = None,
+                 momentum: float | None = None, nesterov: bool | None = None,
+                 trust_coefficient: float | None = None, eps: float | None = None, trust_clip=None,
+                 clamp_weight_norm: float | None = None, grad_clip_norm: float | None = None,
+                 implementation: str | None = None):
+        super().__init__(params, lr, weight_decay, mode=mode, momentum=momentum, nesterov=nesterov,
+                         trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip,
+                         clamp_weight_norm=clamp_weight_norm, grad_clip_norm=grad_clip_norm,
+                         implementation=implementation)
 
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        self.grad_clip_norm = state_dict.pop("grad_clip_norm", self.grad_clip_norm)
-        super().load_state_dict(state_dict)
+    def _check(self, options: dict) -> None:
+        if options["mode"] not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {options['mode']!r} (the LAMB paper's LARS "
+                             "is LarsPaper, registry entry lars_paper)")
+        if not 0 <= options["momentum"] < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {options['momentum']}")
+        if options["nesterov"] and options["momentum"] <= 0:
+            raise ValueError("nesterov needs momentum > 0")
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        groups = []  # (group, params, grads, momentum buffers or None)
-        for group in self.param_groups:
-            ps = [p for p in group["params"] if p.grad is not None]
-            if not ps:
-                continue
-            bufs = None
-            if group["momentum"] != 0:
-                for p in ps:
-                    if p.grad.is_sparse:
-                        raise RuntimeError("Lars does not support sparse gradients")
-                    if "momentum_buffer" not in self.state[p]:
-                        # Zero start: with no dampening the first step equals torch SGD's clone(g).
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                bufs = [self.state[p]["momentum_buffer"] for p in ps]
-            groups.append((group, ps, [p.grad for p in ps], bufs))
-        if not groups:
-            return loss
-        scale = _common.global_grad_scale([g for e in groups for g in e[2]], self.grad_clip_norm)
-        tensors = [t for e in groups for lst in e[1:] if lst is not None for t in lst]
-        self.last_path = _common.choose_path(self.implementation, tensors)
-        if self.last_path == "cpp":
-            self._step_cpp(groups, 1.0 if scale is None else float(scale))
-        else:
-            adapted, ratios = [], []
-            for group, ps, gs, bufs in groups:
-                r = _foreach_lars(group, ps, gs, bufs, scale)
-                if r is not None:
-                    adapted += ps
-                    ratios.append(r)
-            _common.record_trust_ratios(self, adapted, torch.cat(ratios) if ratios else None)
-        return loss
+    def _state_keys(self, group: dict) -> tuple[str, ...]:
+        # Zero start: with no dampening the first step equals torch SGD's clone(g).
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    def _step_cpp(self, groups, scale: float) -> None:
-        rows, xs, gs, bufs, adapt_mask = [], [], [], [], []
-        empty = torch.empty(0)
-        for group, ps, grads, group_bufs in groups:
-            lo, hi = _common.parse_trust_clip(group["trust_clip"])
-            clamp_w = math.inf if group["clamp_weight_norm"] is None else group["clamp_weight_norm"]
-            row = [group["lr"], group["weight_decay"], group["momentum"], float(group["nesterov"]),
-                   group["trust_coefficient"], group["eps"], scale, clamp_w, lo, hi,
-                   float(bool(group["adapt"])), MODES[group["mode"]], 1 - group["momentum"]]
-            rows += [row] * len(ps)
-            adapt_mask += [bool(group["adapt"])] * len(ps)
-            xs += ps
-            gs += grads
-            bufs += group_bufs if group_bufs is not None else [empty] * len(ps)
-        ratios = _cpp.load().lars_step(xs, gs, bufs, torch.tensor(rows, dtype=torch.float64))
-        adapted = [p for p, a in zip(xs, adapt_mask) if a]
-        _common.record_trust_ratios(self, adapted, ratios[torch.tensor(adapt_mask)] if adapted else None)
+    def _cpp_row(self, group: dict, grad_scale: float) -> _cpp.LarsColumns:
+        lo, hi = _common.parse_trust_clip(group["trust_clip"])
+        return _cpp.LarsColumns(
+            lr=group["lr"], wd=group["weight_decay"], momentum=group["momentum"], nesterov=group["nesterov"],
+            trust_coefficient=group["trust_coefficient"], eps=group["eps"], grad_scale=grad_scale,
+            clamp_w=_cpp.no_clamp(group["clamp_weight_norm"]), clip_lo=lo, clip_hi=hi, adapt=group["adapt"],
+            mode=_cpp.LARS_MODES[group["mode"]], one_minus_momentum=1 - group["momentum"])
+
+    def _foreach_group(self, batch: GroupBatch, grad_scale: torch.Tensor | None) -> torch.Tensor | None:
+        bufs = batch.states[0] if batch.states else None
+        return _foreach_lars(batch.group, batch.params, batch.grads, bufs, grad_scale)
 
 
 def _foreach_lars(group, xs, gs, bufs, scale) -> torch.Tensor | None:
     """One group with torch._foreach_* ops (any device). Returns the group's ratios, or None."""
     wd, mom, lr = group["weight_decay"], group["momentum"], group["lr"]
-    mode = group["mode"]
-    lo, hi = _common.parse_trust_clip(group["trust_clip"])
     if scale is not None:
         gs = torch._foreach_mul(gs, scale.to(gs[0].device))
     ratios = None
-    if mode == "lamb_paper":
-        torch._foreach_mul_(bufs, mom)
-        torch._foreach_add_(bufs, torch._foreach_add(gs, xs, alpha=wd), alpha=1 - mom)
-        update = bufs
-        if group["adapt"]:
-            ratios = _common.safe_ratio(group["trust_coefficient"] * _x_norms(group, xs),
-                                        _common.stacked_norms(bufs), lo, hi)
-            update = torch._foreach_mul(bufs, list(ratios.unbind(0)))
-        torch._foreach_add_(xs, update, alpha=-lr)
-        return ratios
     if group["adapt"]:
-        x_norm = _x_norms(group, xs)
+        x_norm = _common.weight_norms(xs, group["clamp_weight_norm"])
         den = _common.stacked_norms(gs) + wd * x_norm
         ok = (x_norm > 0) & (den > 0)  # eps only guards the division, not the zero rule
         local = group["trust_coefficient"] * x_norm / (den + group["eps"])
-        if mode == "larc":
+        if group["mode"] == "larc":
             local = local / lr
+        lo, hi = _common.parse_trust_clip(group["trust_clip"])
         ratios = torch.where(ok, local, torch.ones_like(local)).clamp(min=lo, max=hi)
     update = torch._foreach_add(gs, xs, alpha=wd)  # out of place: p.grad keeps the raw gradient
     if ratios is not None:
@@ -189,8 +111,3 @@ def _foreach_lars(group, xs, gs, bufs, scale) -> torch.Tensor | None:
             update = bufs
     torch._foreach_add_(xs, update, alpha=-lr)
     return ratios
-
-
-def _x_norms(group, xs) -> torch.Tensor:
-    norms = _common.stacked_norms(xs)
-    return norms if group["clamp_weight_norm"] is None else norms.clamp(max=group["clamp_weight_norm"])
