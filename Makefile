@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml scripts/install_system_data.sh
 train: $(STAMP) ## the main job: BERT masked-LM on the bundled corpus, prints eval metrics
 	$(BIN)/lb-train
 
-reproduce-table1: $(STAMP) ## LAMB Table 1: SCALE=smoke|small|paper (small -> results/lamb_table1/), SEEDS=n
+reproduce-table1: $(STAMP) ## LAMB Table 1: SCALE=smoke|small|paper (small -> results/lamb_table1/), SEEDS=n; rerun resumes
 	$(PY) scripts/reproduce_table1.py --scale $(SCALE) --seeds $(SEEDS)
 
 smoke: $(STAMP) ## a few seconds of training on a tiny config

@@ -1,7 +1,7 @@
 """Command-line entry points.
 
     lb-train [overrides]          train (Hydra; `-m` sweeps, e.g. `lb-train -m batch=512,1024`)
-    lb-plan  [overrides] [--json] [--plot PNG] [--world-size N]
+    lb-plan  [overrides] [--json] [--plot PNG] [--world-size N] [--optimizers]
                                   print the derived quantities of a run without training; a comma
                                   list (batch=512,1024,2048) prints one row per value
 Errors the user can fix are printed as one line and exit with status 2.
@@ -46,20 +46,46 @@ def _set_run_stamp() -> None:
     os.environ["LB_RUN_STAMP"] = stamp
 
 
+_FAILED_JOBS: list[tuple[str, str]] = []  # (run folder, reason) of the sweep jobs that failed
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _train_task(cfg: DictConfig):
+    from largebatch.checkpoint import Interrupted
+    from largebatch.fileio import atomic_write_json
     from largebatch.train import train
 
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        summary = train(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except LargebatchError as error:
-        fail(error)
+        summary = train(cfg, run_dir)
+    except Interrupted as interrupted:
+        print(f"interrupted: {interrupted}. Continue with the same command plus resume=auto "
+              f"hydra.run.dir={run_dir}", file=sys.stderr)
+        raise SystemExit(interrupted.exit_code) from None
+    except Exception as error:
+        if hydra_cfg.mode.name != "MULTIRUN":
+            if isinstance(error, LargebatchError):
+                fail(error)
+            raise
+        # A sweep goes on: the job's folder and the log say why it failed; the CLI exits non-zero at the end.
+        reason = f"{type(error).__name__}: {error}"
+        log.error("sweep job %s failed: %s", run_dir, reason, exc_info=not isinstance(error, LargebatchError))
+        if not (run_dir / "status.json").exists():  # failed before the run wrote anything
+            atomic_write_json(run_dir / "status.json", {"status": "failed", "error": reason})
+        _FAILED_JOBS.append((str(run_dir), reason))
+        return None
     return summary.get(summary["primary_metric"])  # what a Hydra sweeper optimises
 
 
 def train_main() -> None:
     _set_run_stamp()
     _train_task()
+    if _FAILED_JOBS:
+        lines = "\n".join(f"  {folder}: {reason.splitlines()[0]}" for folder, reason in _FAILED_JOBS)
+        print(f"error: {len(_FAILED_JOBS)} sweep job(s) failed (each folder's status.json has the reason):\n"
+              f"{lines}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 # ---------------------------------------------------------------------------- lb-plan
@@ -106,7 +132,16 @@ def plan_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", metavar="PNG", help="write the lr schedules of all rows to this PNG")
     parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
                         help="number of processes the run will use (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--optimizers", action="store_true",
+                        help="list every optimizer of the registry and what each variant changes, then exit")
     args = parser.parse_intermixed_args(argv)
+    if args.optimizers:
+        from largebatch.optim import describe_optimizers
+
+        print(describe_optimizers())
+        return
+    if args.world_size < 1:
+        fail(f"--world-size must be at least 1, got {args.world_size}")
     logging.basicConfig(level=logging.WARNING)
     try:
         rows = plan_rows(args.overrides, args.world_size)

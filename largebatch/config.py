@@ -190,6 +190,10 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # stop | skip
     max_consecutive_skips: int = 10  # on_nonfinite=skip: stop after this many non-finite steps in a row
     save_checkpoint: bool = True
+    checkpoint_every_epochs: float | None = None  # periodic checkpoints (fractions allowed); null: only at the end
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept
+    resume: str | None = None  # auto | <run folder>
+    overwrite: bool = False  # replace the run already in hydra.run.dir
     progress: bool = True
     per_layer_trust_ratios: bool = False
 
@@ -229,3 +233,48 @@ def optimizer_options(opt_cfg) -> dict:
     """The optimizer group's keys that are options of ``create_optimizer`` (None: the registry default)."""
     options = OmegaConf.to_container(opt_cfg, resolve=True)
     return {k: v for k, v in options.items() if k not in OPTIMIZER_KEYS_NOT_OPTIONS and v is not None}
+
+
+CHOICES = {"on_nonfinite": ("stop", "skip"), "precision": ("no", "bf16", "fp16"), "device": ("auto", "cpu", "cuda")}
+
+
+def validate(cfg) -> None:
+    """Every top-level value a user can set, checked before anything is built or written (lb-plan and
+    lb-train alike). Group values are checked by their schemas (types) and their factories."""
+    import difflib
+    import math
+
+    from largebatch.errors import ConfigError
+
+    known = set(TrainConfig.__dataclass_fields__)
+    for key in cfg:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r} (added with +{key}=...){hint} `lb-plan` lists the plan "
+                              "of a valid config; groups are chosen without +, e.g. optimizer=lamb")
+
+    def positive(name, value, allow_none=False, integer=True, zero=False):
+        if value is None and allow_none:
+            return
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if zero else value > 0)
+        if not ok or (integer and value != int(value)):
+            what = "an integer" if integer else "a number"
+            raise ConfigError(f"{name}={value} must be {what} {'>= 0' if zero else '> 0'}")
+
+    positive("batch", cfg.batch)
+    positive("micro_batch", cfg.micro_batch, allow_none=True)
+    positive("epochs", cfg.epochs, integer=False, zero=True)
+    positive("eval_every_epochs", cfg.eval_every_epochs, integer=False)
+    positive("eval_batch", cfg.eval_batch)
+    positive("eval_max_batches", cfg.eval_max_batches, allow_none=True)
+    positive("log_every", cfg.log_every)
+    positive("checkpoint_every_epochs", cfg.checkpoint_every_epochs, allow_none=True, integer=False)
+    positive("keep_checkpoints", cfg.keep_checkpoints)
+    positive("max_consecutive_skips", cfg.max_consecutive_skips, zero=True)
+    for i, stage in enumerate(cfg.stages):
+        positive(f"stages[{i}].batch", stage.batch, allow_none=True)
+        positive(f"stages[{i}].micro_batch", stage.micro_batch, allow_none=True)
+    for key, choices in CHOICES.items():
+        if cfg[key] not in choices:
+            raise ConfigError(f"{key}={cfg[key]!r} is not one of {' | '.join(choices)}")

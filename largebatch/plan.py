@@ -82,6 +82,9 @@ def stage_specs(cfg, default_seq_len: int | None) -> list[StageSpec]:
 def build_plans(cfg, task, world_size: int, *, allow_declared: bool = False) -> list[StagePlan]:
     """Every stage's plan, for lb-plan and lb-train alike. ``allow_declared`` lets a declared
     ``data.train_samples`` stand in for the data (lb-plan at paper scale); training always counts."""
+    from largebatch.config import validate
+
+    validate(cfg)
     plans = []
     for spec in stage_specs(cfg, task.default_seq_len()):
         resolve_micro_batch(spec.batch, spec.micro_batch, world_size)  # refuse a bad split before loading data
@@ -97,7 +100,7 @@ def resolve_micro_batch(batch: int, micro_batch: int | None, world_size: int) ->
     needs no accumulation)."""
     if batch < world_size:
         raise ConfigError(f"batch={batch} is smaller than the world size {world_size}; use batch >= {world_size}")
-    micro = min(micro_batch or DEFAULT_MICRO_BATCH, batch // world_size)
+    micro = min(DEFAULT_MICRO_BATCH if micro_batch is None else micro_batch, batch // world_size)
     if batch % (micro * world_size):
         per_rank = batch // world_size
         divisors = [d for d in range(micro, 0, -1) if per_rank % d == 0 and batch % world_size == 0]

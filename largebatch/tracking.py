@@ -3,8 +3,9 @@
     config.yaml     the resolved config
     env.json        command, package versions, git sha + dirty flag, device, world size
     plan.json       the resolved stages (batch, accumulation, steps, lr, warmup)
+    status.json     running (written first), then finished / failed / interrupted, with the error
     metrics.jsonl   append-only, one JSON object per log or eval step
-    summary.json    final metrics, wall time, samples seen
+    summary.json    final metrics, wall time, samples seen (written before the final checkpoint)
 Only the main process writes; the other ranks get a recorder that does nothing.
 """
 
@@ -17,10 +18,14 @@ import platform
 import subprocess
 import sys
 import time
+import uuid
 from importlib import metadata
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from largebatch.errors import ConfigError
+from largebatch.fileio import atomic_write_json, atomic_write_text
 
 PACKAGES = ("largebatch", "torch", "torchvision", "transformers", "tokenizers", "datasets", "accelerate",
             "hydra-core", "omegaconf", "wandb", "timm", "torch-optimizer")
@@ -68,25 +73,45 @@ def environment(world_size: int = 1, device: str = "cpu") -> dict:
 
 
 class RunRecorder:
-    def __init__(self, run_dir: Path, cfg, *, enabled: bool, world_size: int, device: str):
+    """Writes a run's records. ``resume_step``: continue a run's records, keeping the metric lines up to
+    that step (lines a killed session wrote after its last checkpoint are dropped: the resumed run
+    writes them again)."""
+
+    def __init__(self, run_dir: Path, cfg, *, enabled: bool, world_size: int, device: str,
+                 resume_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self._wandb = None
         if not enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        self._write_json("env.json", environment(world_size, device))
-        self._metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in finish)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        except OSError as error:
+            raise ConfigError(f"cannot write the run folder {self.run_dir}: {error.strerror}; choose a writable "
+                              "hydra.run.dir") from None
+        self.status("running")
+        atomic_write_json(self.run_dir / "env.json", environment(world_size, device))
+        metrics = self.run_dir / "metrics.jsonl"
+        if resume_step is not None and metrics.exists():
+            kept = [line for line in metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            atomic_write_text(metrics, "".join(f"{line}\n" for line in kept))
+        elif metrics.exists():
+            metrics.unlink()
+        self._metrics = open(metrics, "a")  # noqa: SIM115 (closed in finish)
         if cfg.logger.name == "wandb":
-            self._wandb = _start_wandb(cfg, self.run_dir)
+            self._wandb = _start_wandb(cfg, self.run_dir, resume=resume_step is not None)
 
-    def _write_json(self, name: str, obj) -> None:
-        (self.run_dir / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    def status(self, status: str, **details) -> None:
+        """status.json: running (written first), then finished, failed or interrupted (written last)."""
+        if self.enabled:
+            atomic_write_json(self.run_dir / "status.json", {"status": status, "time": time.strftime(
+                "%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(), **_finite(details)})
 
     def plan(self, plans: list) -> None:
         if self.enabled:
-            self._write_json("plan.json", [p.as_dict() for p in plans])
+            atomic_write_json(self.run_dir / "plan.json", [p.as_dict() for p in plans])
             if self._wandb:
                 self._wandb.config.update({"plan": [p.as_dict() for p in plans]}, allow_val_change=True)
 
@@ -98,14 +123,19 @@ class RunRecorder:
         if self._wandb:
             self._wandb.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics.get("step"))
 
-    def finish(self, summary: dict) -> None:
+    def summary(self, summary: dict) -> None:
+        if self.enabled:
+            atomic_write_json(self.run_dir / "summary.json", _finite(summary))
+            if self._wandb:
+                self._wandb.summary.update(summary)
+
+    def close(self) -> None:
         if not self.enabled:
             return
-        self._write_json("summary.json", _finite(summary))
         self._metrics.close()
         if self._wandb:
-            self._wandb.summary.update(summary)
             self._wandb.finish()
+            self._wandb = None
 
 
 def _finite(record: dict) -> dict:
@@ -113,8 +143,13 @@ def _finite(record: dict) -> dict:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
-def _start_wandb(cfg, run_dir: Path):
+def _start_wandb(cfg, run_dir: Path, resume: bool):
+    """A resumed run continues the same W&B run (its id is kept in the run folder)."""
     import wandb
+
+    id_file = run_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if resume and id_file.is_file() else uuid.uuid4().hex[:12]
+    atomic_write_text(id_file, run_id + "\n")
 
     group = cfg.logger.group
     if group is None:
@@ -128,6 +163,6 @@ def _start_wandb(cfg, run_dir: Path):
             pass
     return wandb.init(
         project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode, group=group,
-        tags=list(cfg.logger.tags), dir=str(run_dir), name=run_dir.name,
+        tags=list(cfg.logger.tags), dir=str(run_dir), name=run_dir.name, id=run_id, resume="allow",
         config=OmegaConf.to_container(cfg, resolve=True),
     )

@@ -14,17 +14,31 @@ ranks then gives the same gradient. The logged loss is the per-target mean (its 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
+import shutil
+import signal
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from largebatch.checkpoint import (
+    CHECKPOINTS,
+    GracefulStop,
+    Interrupted,
+    TrainerState,
+    checkpoint_dirs,
+    config_differences,
+    load_checkpoint,
+    save_checkpoint,
+)
 from largebatch.config import optimizer_options
 from largebatch.errors import ConfigError, NonFiniteError
 from largebatch.optim import create_optimizer, trust_ratio_stats
@@ -53,18 +67,83 @@ def global_norm(tensors) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
 
 
+RUN_RECORDS = ("status.json", "config.yaml", "plan.json", "env.json", "metrics.jsonl", "summary.json",
+               "wandb_run_id", CHECKPOINTS, "model")
+
+
+def open_run_dir(cfg, run_dir: Path) -> tuple[Path, Path | None]:
+    """(the folder this run writes, the checkpoint it resumes from). A folder that already holds a run is
+    refused unless the config says to resume it (same config) or to overwrite it."""
+    if cfg.resume not in (None, "auto"):
+        run_dir = Path(cfg.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"resume={cfg.resume}: no run there (no config.yaml); give the folder of the run to "
+                              "continue, or resume=auto to continue the run in hydra.run.dir if it has one")
+    holds_run = any((run_dir / name).exists() for name in RUN_RECORDS)
+    if holds_run and cfg.resume is not None:
+        saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+        differences = config_differences(saved, OmegaConf.to_container(cfg, resolve=True))
+        if differences:
+            raise ConfigError(f"resume: the run in {run_dir} was started with another config ("
+                              + "; ".join(differences[:5]) + "); resume it with the same overrides")
+        checkpoints = checkpoint_dirs(run_dir)
+        return run_dir, checkpoints[-1] if checkpoints else None
+    if holds_run and not cfg.overwrite:
+        status = OmegaConf.load(run_dir / "status.json").get("status") if (run_dir / "status.json").is_file() else "?"
+        raise ConfigError(f"the run folder {run_dir} already holds a run (status: {status}); resume it with "
+                          "resume=auto, replace it with overwrite=true, or choose another hydra.run.dir")
+    return run_dir, None
+
+
+def clear_run_records(run_dir: Path) -> None:
+    for name in RUN_RECORDS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def train(cfg, run_dir: Path) -> dict:
     accelerator = make_accelerator(cfg)
     world, device = accelerator.num_processes, accelerator.device
     set_seed(cfg.seed)
 
-    # ---------------------------------------------------------------- task and plan
+    # ---------------------------------------------------------------- task, plan, run folder
     task = build_task(cfg)
     with accelerator.main_process_first():  # rank 0 builds the data caches, then the others load them
         plans = build_plans(cfg, task, world)
+    run_dir, checkpoint = open_run_dir(cfg, Path(run_dir))
+    resuming = checkpoint is not None
+    if accelerator.is_main_process and not resuming:
+        clear_run_records(run_dir)  # overwrite=true, or resume of a run that never checkpointed
+    accelerator.wait_for_everyone()
 
-    # Nothing is written before the plan is known to be valid.
-    recorder = RunRecorder(run_dir, cfg, enabled=accelerator.is_main_process, world_size=world, device=str(device))
+    # Nothing is written before the plan and the folder are known to be valid.
+    state = TrainerState()
+    if resuming:
+        state = TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+    recorder = RunRecorder(run_dir, cfg, enabled=accelerator.is_main_process, world_size=world, device=str(device),
+                           resume_step=state.step if resuming else None)
+    try:
+        with GracefulStop() as stop:
+            summary = _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, stop)
+    except Interrupted as interrupted:
+        recorder.status("interrupted", error=str(interrupted), step=interrupted.step)
+        recorder.close()
+        raise
+    except BaseException as error:
+        recorder.status("failed", error=f"{type(error).__name__}: {error}", step=state.step)
+        recorder.close()
+        raise
+    recorder.status("finished", step=summary["steps"])
+    recorder.close()
+    accelerator.end_training()
+    return summary
+
+
+def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, stop) -> dict:
+    world, device = accelerator.num_processes, accelerator.device
     recorder.plan(plans)
     if accelerator.is_main_process:
         log.info("plan (scaling rule %s, ref_batch %d, ref_lr %g):\n%s", cfg.scaling.rule, cfg.scaling.ref_batch,
@@ -79,21 +158,35 @@ def train(cfg, run_dir: Path) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     log.info("model: %s, %.2fM trainable parameters", cfg.model.name, sum(p.numel() for p in params) / 1e6)
+    if checkpoint is not None:
+        vars(state).update(vars(load_checkpoint(accelerator, task, checkpoint)))
+        log.info("resumed from %s: stage %d, step %d, %d samples seen", checkpoint, state.stage_index, state.step,
+                 state.samples)
+    earlier_sessions_s = state.elapsed_s
+
+    def save() -> Path:
+        state.elapsed_s = earlier_sessions_s + time.perf_counter() - session_start
+        return save_checkpoint(accelerator, task, state, run_dir, keep=cfg.keep_checkpoints)
 
     # ---------------------------------------------------------------- training
     total_steps = sum(p.total_steps for p in plans)
-    bar = tqdm(total=total_steps, disable=not (cfg.progress and accelerator.is_main_process), desc="train")
-    step = samples = skipped = skipped_in_a_row = 0
-    last_eval, last_loss = None, None
-    started = time.perf_counter()
-    for stage_index, plan in enumerate(plans):
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (cfg.progress and accelerator.is_main_process),
+               desc="train")
+    session_start = time.perf_counter()
+    while state.stage_index < len(plans):
+        plan = plans[state.stage_index]
         lr_at = lr_schedule(cfg.schedule, plan)
         eval_every = max(1, round(cfg.eval_every_epochs * plan.train_samples))  # in samples
+        checkpoint_every = (max(1, round(cfg.checkpoint_every_epochs * plan.train_samples))
+                            if cfg.checkpoint_every_epochs else None)
         tokens_per_sample = task.tokens_per_sample(plan.seq_len)
-        window = {"loss": 0.0, "loss_steps": 0, "steps": 0, "time": time.perf_counter(), "samples": 0}
-        batches = task.steps(plan, stage_index=stage_index, rank=accelerator.process_index, world_size=world)
+        window = state.window = state.window or {"loss": 0.0, "loss_steps": 0, "steps": 0, "samples": 0}
+        window_started = time.perf_counter()
+        batches = task.steps(plan, stage_index=state.stage_index, rank=accelerator.process_index, world_size=world,
+                             start_step=state.stage_step)
 
-        for stage_step in range(plan.total_steps):
+        while state.stage_step < plan.total_steps:
+            stage_step = state.stage_step
             micro_batches = [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in next(batches)]
             local_count = sum(task.normaliser(mb) for mb in micro_batches)
             global_count = accelerator.reduce(torch.as_tensor(local_count, device=device), reduction="sum").clamp(min=1)
@@ -118,41 +211,44 @@ def train(cfg, run_dir: Path) -> dict:
             is_log_step = (stage_step + 1) % cfg.log_every == 0 or stage_step + 1 == plan.total_steps
             before = None
             if not bool(torch.isfinite(grad_norm) & torch.isfinite(step_loss)):
-                message = (f"non-finite {'loss' if not torch.isfinite(step_loss) else 'gradient norm'} at step {step} "
-                           f"(stage {plan.name}, lr {lr:.3g}): loss={step_loss.item()}, grad_norm={grad_norm.item()}. "
-                           "Lower the learning rate, lengthen warmup, enable gradient clipping, or set "
-                           "on_nonfinite=skip to skip such steps")
+                message = (f"non-finite {'loss' if not torch.isfinite(step_loss) else 'gradient norm'} at step "
+                           f"{state.step} (stage {plan.name}, lr {lr:.3g}): loss={step_loss.item()}, grad_norm="
+                           f"{grad_norm.item()}. Lower the learning rate, lengthen warmup, enable gradient clipping, "
+                           "or set on_nonfinite=skip to skip such steps")
                 if cfg.on_nonfinite != "skip":
                     raise NonFiniteError(message)
-                skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
-                if skipped_in_a_row > cfg.max_consecutive_skips:
-                    raise NonFiniteError(f"{skipped_in_a_row} steps in a row were non-finite (max_consecutive_skips="
-                                         f"{cfg.max_consecutive_skips}); the run is not recovering. Last: {message}")
+                state.skipped += 1
+                state.skipped_in_a_row += 1
+                if state.skipped_in_a_row > cfg.max_consecutive_skips:
+                    raise NonFiniteError(f"{state.skipped_in_a_row} steps in a row were non-finite "
+                                         f"(max_consecutive_skips={cfg.max_consecutive_skips}); the run is not "
+                                         f"recovering. Last: {message}")
                 log.warning("skipping step: %s", message)
                 optimizer.zero_grad(set_to_none=True)
             else:
                 before = [p.detach().clone() for p in params] if is_log_step else None
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                skipped_in_a_row = 0
+                state.skipped_in_a_row = 0
                 window["loss"] += step_loss.item()
                 window["loss_steps"] += 1
-            step += 1
-            samples += plan.batch
+            state.step += 1
+            state.stage_step += 1
+            state.samples += plan.batch
             window["steps"] += 1
             window["samples"] += plan.batch
             bar.update(1)
 
             if is_log_step and window["steps"]:
-                elapsed = time.perf_counter() - window["time"]
+                elapsed = time.perf_counter() - window_started
                 metrics = {
-                    "step": step, "stage": plan.name, "epoch": stage_step / plan.steps_per_epoch, "samples": samples,
-                    "lr": lr, "grad_norm": grad_norm.item(),
+                    "step": state.step, "stage": plan.name, "epoch": stage_step / plan.steps_per_epoch,
+                    "samples": state.samples, "lr": lr, "grad_norm": grad_norm.item(),
                     "param_norm": global_norm(params).item(), "samples_per_s": window["samples"] / elapsed,
-                    "skipped_steps": skipped,
+                    "skipped_steps": state.skipped,
                 }
                 if window["loss_steps"]:  # the mean over the window's steps that were not skipped
-                    last_loss = metrics["loss"] = window["loss"] / window["loss_steps"]
+                    state.last_loss = metrics["loss"] = window["loss"] / window["loss_steps"]
                 if tokens_per_sample:
                     metrics["tokens_per_s"] = window["samples"] * tokens_per_sample / elapsed
                 if before is not None:
@@ -160,30 +256,51 @@ def train(cfg, run_dir: Path) -> dict:
                 metrics.update(trust_ratio_stats(optimizer.optimizer, per_layer=cfg.per_layer_trust_ratios))
                 recorder.log(metrics)
                 bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.3f}", lr=f"{lr:.2e}")
-                window.update(loss=0.0, loss_steps=0, steps=0, samples=0, time=time.perf_counter())
+                window.update(loss=0.0, loss_steps=0, steps=0, samples=0)
+                window_started = time.perf_counter()
 
-            end_of_stage = stage_step + 1 == plan.total_steps
-            if samples // eval_every > (samples - plan.batch) // eval_every or end_of_stage:
+            end_of_stage = state.stage_step == plan.total_steps
+            if _crossed(state.samples, plan.batch, eval_every) or end_of_stage:
                 eval_started = time.perf_counter()
-                last_eval = task.evaluate(model, accelerator, plan)
-                recorder.log({"step": step, "stage": plan.name, "samples": samples, **last_eval})
-                window["time"] += time.perf_counter() - eval_started  # throughput excludes evaluation
+                state.last_eval = task.evaluate(model, accelerator, plan)
+                recorder.log({"step": state.step, "stage": plan.name, "samples": state.samples, **state.last_eval})
+                window_started += time.perf_counter() - eval_started  # throughput excludes evaluation
+            if end_of_stage:
+                state.stage_index, state.stage_step, state.window = state.stage_index + 1, 0, {}
+            stop_now = _any_rank(accelerator, stop.signum is not None)
+            if stop_now or (checkpoint_every and _crossed(state.samples, plan.batch, checkpoint_every)
+                            and state.stage_index < len(plans)):
+                saved = save()
+                if stop_now:
+                    raise Interrupted(f"stopped by a signal at step {state.step}; checkpoint {saved}", state.step,
+                                      stop.signum or signal.SIGTERM)
+            if end_of_stage:
+                break
     bar.close()
-    wall = time.perf_counter() - started
+    wall = earlier_sessions_s + time.perf_counter() - session_start
 
     # ---------------------------------------------------------------- records and checkpoint
+    summary = {"steps": state.step, "samples": state.samples, "skipped_steps": state.skipped, "wall_time_s": wall,
+               "samples_per_s": state.samples / wall, "world_size": world, "optimizer": cfg.optimizer.name,
+               "batch": plans[-1].batch, "final_loss": state.last_loss, "primary_metric": task.primary.name,
+               **(state.last_eval or {})}
+    recorder.summary(summary)  # before the checkpoint: a full disk there must not lose a finished run
     if cfg.save_checkpoint:
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(run_dir / "checkpoint"))
+        save()
         if accelerator.is_main_process:
             task.save_model(accelerator.unwrap_model(model), run_dir / "model")
-    summary = {"steps": step, "samples": samples, "skipped_steps": skipped, "wall_time_s": wall,
-               "samples_per_s": samples / wall, "world_size": world, "optimizer": cfg.optimizer.name,
-               "batch": plans[-1].batch, "final_loss": last_loss if last_loss is not None and math.isfinite(last_loss)
-               else None, "primary_metric": task.primary.name, **(last_eval or {})}
-    recorder.finish(summary)
     if accelerator.is_main_process:
         log.info("done in %.1f s: %s", wall, {k: (round(v, 4) if isinstance(v, float) else v)
                                                 for k, v in summary.items()})
-    accelerator.end_training()
     return summary
+
+
+def _crossed(samples: int, batch: int, every: int) -> bool:
+    """Did the last step (of ``batch`` samples) cross a multiple of ``every`` samples?"""
+    return samples // every > (samples - batch) // every
+
+
+def _any_rank(accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item())

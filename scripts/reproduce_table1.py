@@ -8,8 +8,14 @@
      classification task, and the same recipe once from a random init (the same for every rung);
   4. lb-report: runs.csv, table.md, plots and provenance into the results folder.
 Everything runs in this one process (no per-run interpreter start-up); each run prints the `lb-train`
-command that reproduces it alone. Runs live under outputs/ (git-ignored); the results folder gets the
-report and each run's small records. SCALE=smoke never writes into results/.
+command that reproduces it alone. Runs live under outputs/lamb_table1/<scale>/ (git-ignored; --work for
+another folder); the results folder gets the report and each run's small records. SCALE=smoke never
+writes into results/.
+
+Interrupted (Ctrl-C, a kill, a reboot) and run again with the same arguments, it picks up where it
+stopped: a run whose folder's status.json says "finished" is skipped, an unfinished one is continued from
+its newest checkpoint (`resume=auto`; every run checkpoints every CHECKPOINT_EVERY_EPOCHS epochs), and
+fine-tunes already scored are kept. To start over, delete the work folder or pass another --work.
 """
 
 from __future__ import annotations
@@ -26,9 +32,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from omegaconf import OmegaConf  # noqa: E402
+
 from largebatch import downstream, report  # noqa: E402
 from largebatch.config import compose  # noqa: E402
+from largebatch.errors import ConfigError, LargebatchError, fail  # noqa: E402
+from largebatch.fileio import atomic_write_json  # noqa: E402
+from largebatch.report.runs import BOOKKEEPING_KEYS, flatten_config, key_matches, read_json  # noqa: E402
 from largebatch.train import train  # noqa: E402
+
+# What makes a run resumable, passed to the trainer (issue 12, item 1): periodic checkpoints on every run,
+# and `resume=auto` for a run folder that holds an unfinished run (newest complete checkpoint, or a fresh
+# start in that folder when it has none).
+CHECKPOINT_EVERY_EPOCHS = 0.1
+CHECKPOINT_OVERRIDES = [f"checkpoint_every_epochs={CHECKPOINT_EVERY_EPOCHS}"]
+RESUME_OVERRIDES = ["resume=auto"]
 
 SCALES = {
     "smoke": dict(  # seconds; a test runs it
@@ -52,16 +70,63 @@ def rel(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+def run_action(run_dir: Path) -> str:
+    """What to do with one run folder of the driver: "skip", "resume" or "start".
+
+    skip: status.json says "finished" (the trainer writes it last) and summary.json is there, or, for a run
+    of a trainer that wrote no status.json, summary.json is there (that trainer wrote it last).
+    resume: the folder holds anything else (status running/failed/interrupted, or records without a
+    status): the trainer continues it from its newest complete checkpoint, or starts it afresh there.
+    start: no folder, or an empty one.
+    """
+    run_dir = Path(run_dir)
+    status = read_json(run_dir / "status.json")
+    finished = (run_dir / "summary.json").is_file()
+    if isinstance(status, dict):
+        return "skip" if status.get("status") == "finished" and finished else "resume"
+    if finished and not (run_dir / "status.json").exists():
+        return "skip"
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        return "resume"
+    return "start"
+
+
+def config_changes(run_dir: Path, cfg) -> list[str]:
+    """How the config saved in ``run_dir`` differs from ``cfg`` (bookkeeping keys such as resume aside)."""
+    if not (Path(run_dir) / "config.yaml").is_file():
+        return []
+    saved = flatten_config(OmegaConf.to_container(OmegaConf.load(Path(run_dir) / "config.yaml"), resolve=True))
+    wanted = flatten_config(OmegaConf.to_container(cfg, resolve=True))
+    return [f"{k}: {saved.get(k)!r} in the run, {wanted.get(k)!r} now" for k in sorted(saved.keys() | wanted.keys())
+            if not key_matches(k, BOOKKEEPING_KEYS) and saved.get(k) != wanted.get(k)]
+
+
 class Runner:
     def __init__(self, out: Path):
-        self.out, self.steps = out, []
+        self.out, self.steps, self.run_dirs = out, [], []
 
     def train(self, overrides: list[str], run_dir: Path, experiment: str = "lamb_table1") -> dict:
-        overrides = [f"experiment={experiment}", "progress=false", *overrides]
-        log.info("+ lb-train %s hydra.run.dir=%s", " ".join(overrides), rel(run_dir))
+        overrides = [f"experiment={experiment}", "progress=false", *overrides, *CHECKPOINT_OVERRIDES]
+        action = run_action(run_dir)
+        if action == "resume":
+            overrides += RESUME_OVERRIDES
+        cfg = compose(overrides)
+        changes = config_changes(run_dir, cfg) if action != "start" else []
+        if changes:
+            raise ConfigError(
+                f"{rel(run_dir)} holds a run made with another config ({'; '.join(changes[:3])}): pass another "
+                f"--work folder, or delete {rel(run_dir)} to run it again"
+            )
+        self.run_dirs.append(run_dir)
+        command = "lb-train " + " ".join(overrides)
+        if action == "skip":
+            log.info("= %s hydra.run.dir=%s: finished earlier, skipped", command, rel(run_dir))
+            self.steps.append({"command": command, "run_dir": rel(run_dir), "action": action})
+            return json.loads((run_dir / "summary.json").read_text())
+        log.info("+ %s hydra.run.dir=%s%s", command, rel(run_dir), " (resuming)" if action == "resume" else "")
         started = time.perf_counter()
-        summary = train(compose(overrides), run_dir)
-        self.steps.append({"command": "lb-train " + " ".join(overrides), "run_dir": rel(run_dir),
+        summary = train(cfg, run_dir)
+        self.steps.append({"command": command, "run_dir": rel(run_dir), "action": action,
                            "seconds": round(time.perf_counter() - started, 1)})
         return summary
 
@@ -90,22 +155,48 @@ def sweep_base_lrs(runner: Runner, scale: dict) -> tuple[dict, dict]:
     return chosen, record
 
 
+class Clock:
+    """Wall time of this driver over every call on one work folder (an interrupted call included)."""
+
+    def __init__(self, path: Path):
+        self.path, self.started = path, time.perf_counter()
+        earlier = read_json(path) or {}
+        self.earlier_s, self.calls = float(earlier.get("seconds", 0.0)), int(earlier.get("calls", 0)) + 1
+
+    def total_s(self) -> float:
+        return self.earlier_s + time.perf_counter() - self.started
+
+    def save(self) -> None:
+        atomic_write_json(self.path, {"seconds": round(self.total_s(), 1), "calls": self.calls})
+
+
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=[*SCALES, "paper"], default="small")
     parser.add_argument("--seeds", type=int, default=1, help="seeds of the top two rungs (LAMB and AdamW)")
     parser.add_argument("--out", help="results folder (default: the scale's)")
-    parser.add_argument("--work", help="folder for the runs themselves (default: outputs/lamb_table1/<scale>_<time>)")
+    parser.add_argument("--work", help="folder for the runs themselves (default: outputs/lamb_table1/<scale>); "
+                        "a second call with the same folder skips finished runs and resumes unfinished ones")
     args = parser.parse_args(argv)
     if args.scale == "paper":
         sys.exit("SCALE=paper needs GPUs/TPUs and the paper's data: run the `accelerate launch` commands of "
                  "experiments/lamb_table1/README.md (and `lb-plan experiment=lamb_table1_paper ...` to see them)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     scale = SCALES[args.scale]
-    out = Path(args.work) if args.work else REPO / "outputs" / "lamb_table1" / f"{args.scale}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    out = Path(args.work) if args.work else REPO / "outputs" / "lamb_table1" / args.scale
+    if out.exists():
+        log.info("work folder %s exists: finished runs are skipped, unfinished ones resumed (delete it, or pass "
+                 "another --work, to start over)", rel(out))
+    clock = Clock(out / "driver_time.json")
+    try:
+        return _reproduce(args, scale, out, clock)
+    finally:
+        clock.save()  # also when interrupted: the next call's timing adds this one's
+
+
+def _reproduce(args, scale: dict, out: Path, clock: Clock) -> Path:
     runs = out / "runs"
     runner = Runner(out)
-    started = time.perf_counter()
 
     # 1. base learning rates
     if scale["sweep"]:
@@ -125,13 +216,18 @@ def main(argv=None) -> Path:
     runner.train([*scale["train"], f"optimizer.lr={lrs['lamb']}", *scale["mixed"]], runs / "lamb_mixed" / "0",
                  experiment="lamb_mixed_batch")
 
-    # 3. downstream
-    run_dirs = sorted({p.parent for p in runs.rglob("summary.json")})
+    # 3. downstream (runs scored by an earlier, interrupted call keep their scores)
+    run_dirs = sorted(d for d in runner.run_dirs if d.is_relative_to(runs))
     t0 = time.perf_counter()
-    downstream.main([str(run_dirs[0]), "--random-init", *scale["finetune"]])  # random init: once, same config
-    downstream.main([*map(str, run_dirs[1:]), *scale["finetune"]])
+    first, rest = run_dirs[0], run_dirs[1:]
+    score_first = read_json(first / "downstream.json") is None or read_json(first / "downstream_random.json") is None
+    if score_first:
+        downstream.main([str(first), "--random-init", *scale["finetune"]])  # random init: once, same config
+    todo = [d for d in rest if read_json(d / "downstream.json") is None]
+    if todo:
+        downstream.main([*map(str, todo), *scale["finetune"]])
     runner.steps.append({"command": "lb-finetune <every run> (+ --random-init on the first)",
-                         "seconds": round(time.perf_counter() - t0, 1)})
+                         "runs_scored": len(todo) + score_first, "seconds": round(time.perf_counter() - t0, 1)})
 
     # 4. records and report
     results = Path(args.out) if args.out else REPO / scale["results"]
@@ -140,22 +236,28 @@ def main(argv=None) -> Path:
     for run_dir in run_dirs:  # the small records of every run, beside the report
         dest = results / "runs" / run_dir.relative_to(runs)
         dest.mkdir(parents=True)
-        for name in ("config.yaml", "env.json", "plan.json", "metrics.jsonl", "summary.json",
+        for name in ("status.json", "config.yaml", "env.json", "plan.json", "metrics.jsonl", "summary.json",
                      "downstream.json", "downstream_random.json"):
             if (run_dir / name).exists():
                 shutil.copy2(run_dir / name, dest / name)
-    (results / "lr_sweep.json").write_text(json.dumps(sweep_record, indent=2) + "\n")
-    wall = time.perf_counter() - started
-    (results / "reproduce.json").write_text(json.dumps({
+    atomic_write_json(results / "lr_sweep.json", sweep_record)
+    wall = clock.total_s()
+    atomic_write_json(results / "reproduce.json", {
         "command": f"make reproduce-table1 SCALE={args.scale} SEEDS={args.seeds}", "wall_time_s": round(wall, 1),
-        "base_lrs": lrs, "run_folder": rel(out), "steps": runner.steps,
-    }, indent=2) + "\n")
+        "calls": clock.calls, "base_lrs": lrs, "run_folder": rel(out), "steps": runner.steps,
+        "skipped_runs": sum(step.get("action") == "skip" for step in runner.steps),
+        "resumed_runs": sum(step.get("action") == "resume" for step in runner.steps),
+    })
     report.main([str(results / "runs"), "--out", str(results), "--title",
-                 f"LAMB Table 1 at reduced scale ({args.scale}): {wall / 60:.1f} minutes on this machine",
+                 f"LAMB Table 1 at reduced scale ({args.scale}): {wall / 60:.1f} minutes on this machine"
+                 + (f" over {clock.calls} calls of the driver (it resumes)" if clock.calls > 1 else ""),
                  "--unigram-from-config", str(run_dirs[0])])
     log.info("done in %.1f min: %s", wall / 60, results)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LargebatchError as error:  # a config, data or run-folder problem: one `error:` line
+        fail(error)

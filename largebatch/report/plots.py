@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import tempfile
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
 from largebatch.report.runs import optimizer_rank, read_metrics
-from largebatch.report.summary import Cell, ladder
+from largebatch.report.summary import Cell, variants
 
 MAX_LEGEND = 12  # curves per panel beyond which the legend is left out
+
+
+def save_figure(fig: Figure, path: Path, dpi: int) -> Path:
+    """PNG under a temporary name in the same folder, renamed into place when complete."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def _optimizers(items, key) -> list[str]:
@@ -18,25 +36,30 @@ def _optimizers(items, key) -> list[str]:
 
 
 def plot_metric_vs_batch(cells: list[Cell], path: Path, unigram: dict | None = None) -> Path:
-    """Eval loss and downstream accuracy against the batch (log2 axis), one line per optimizer; mixed-batch
-    runs are stars at their last stage's batch; error bars are the seed-to-seed standard deviation."""
+    """Eval loss and downstream accuracy against the batch (log2 axis), one line per optimizer (and per
+    configuration, when an optimizer's runs differ in more than the batch: dotted, labelled with the keys);
+    mixed-batch runs are stars at their last stage's batch; error bars are the seed-to-seed standard deviation."""
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)
     panels = [("eval_loss", "eval masked-LM loss"), ("downstream_accuracy", "downstream accuracy")]
     for ax, (key, label) in zip(axes, panels):
         plotted = False
         for opt in _optimizers(cells, lambda c: c.optimizer):
-            rungs = [c for c in ladder(cells, opt) if c.mean(key) is not None]
-            if rungs:
-                line = ax.errorbar([c.batch_size for c in rungs], [c.mean(key) for c in rungs],
-                                   yerr=[c.std(key) or 0.0 for c in rungs], marker="o", capsize=3, label=opt)
+            color = None
+            # one line per configuration (runs differing in more than the batch are never joined up)
+            for n, variant in enumerate(variants(cells, opt)):
+                rungs = [c for c in variant if c.mean(key) is not None]
+                if not rungs:
+                    continue
+                name = opt if n == 0 and not rungs[0].differs_in else f"{opt} {rungs[0].differs_in}"
+                line = ax.errorbar([c.batch for c in rungs], [c.mean(key) for c in rungs],
+                                   yerr=[c.std(key) or 0.0 for c in rungs], marker="o", capsize=3, label=name,
+                                   linestyle="-" if n == 0 else ":")
                 plotted = True
-                color = line[0].get_color()
-            else:
-                color = None
+                color = color or line[0].get_color()
             for c in (c for c in cells if c.optimizer == opt and c.stages > 1 and c.mean(key) is not None):
-                ax.plot([c.batch_size], [c.mean(key)], marker="*", markersize=12, linestyle="none", color=color,
-                        label=f"{opt} mixed {c.batch}")
+                ax.plot([c.batch], [c.mean(key)], marker="*", markersize=12, linestyle="none", color=color,
+                        label=f"{opt} mixed {c.batch_schedule}")
                 plotted = True
         if key == "eval_loss" and unigram is not None:
             ax.axhline(unigram["loss"], color="grey", linestyle="--", label="unigram baseline")
@@ -54,8 +77,7 @@ def plot_metric_vs_batch(cells: list[Cell], path: Path, unigram: dict | None = N
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.suptitle("End-of-training metrics against batch size (same sample budget)")
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _panels(n: int, title: str):
@@ -82,7 +104,9 @@ def _curves(rows: list[dict], path: Path, *, pick, ylabel: str, title: str, log_
     fig, axes = _panels(len(opts), title)
     for ax, opt in zip(axes, opts):
         for r, pts in (s for s in series if s[0]["optimizer"] == opt):
-            label = f"batch {r['batch']} seed {r['seed']}" + ("" if r["status"] == "ok" else " (incomplete)")
+            label = (f"batch {r['batch_schedule']} seed {r['seed']}"
+                     + (f" {r['differs_in']}" if r.get("differs_in") else "")
+                     + ("" if r["status"] == "ok" else f" ({r['status']})"))
             ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None,
                     linestyle="-" if r["status"] == "ok" else "--", label=label)
         shown = sum(s[0]["optimizer"] == opt for s in series)
@@ -98,8 +122,7 @@ def _curves(rows: list[dict], path: Path, *, pick, ylabel: str, title: str, log_
         ax.set_xlabel("training samples seen")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_eval_loss_vs_samples(rows: list[dict], path: Path) -> Path:

@@ -1,9 +1,13 @@
 """Find run folders written by `lb-train` and turn each into one flat row.
 
 A run folder is any folder holding ``config.yaml`` (written by the run recorder) or only Hydra's
-``.hydra/config.yaml`` (a job that failed before its plan was valid writes nothing else). A folder
-without ``summary.json`` did not finish: it is kept with status ``incomplete`` and a note saying how
-far it got, so a sweep's failures are never dropped silently.
+``.hydra/config.yaml`` (a job that failed before its plan was valid writes nothing else).
+
+A row's ``status`` is ``ok`` for a finished run, else what ``status.json`` says (``failed``,
+``interrupted``, ``running``: the trainer writes it first and last, with the error), or ``incomplete``
+for a folder without a status and without ``summary.json`` (an older trainer, or a job that died before
+writing either). Only ``ok`` runs have results; the others are kept, with a note saying how far they got
+and why they stopped, so a sweep's failures are never dropped silently nor mixed with finished runs.
 """
 
 from __future__ import annotations
@@ -14,13 +18,26 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-# runs.csv columns, in order. Rows also carry "_dir" (absolute folder) for the plots and provenance.
+# runs.csv columns, in order. ``batch``: the global batch of the (last) stage, an int; ``batch_schedule``:
+# the label, "256" for one stage, "512@32/256@64" (batch@seq_len per stage) for several. ``differs_in``: the
+# config keys, seed aside, in which the run differs from other runs of its optimizer (see
+# :func:`mark_differences`). Rows also carry "_dir" (absolute folder) for the plots and provenance, and
+# "_config" (the flattened resolved config) for grouping.
 RUN_COLUMNS = [
-    "optimizer", "batch", "batch_size", "seq_len", "stages", "seed", "status", "steps", "samples",
+    "optimizer", "batch", "batch_schedule", "seq_len", "stages", "seed", "status", "steps", "samples",
     "base_lr", "peak_lr", "scaling_rule", "schedule", "model_size", "final_loss", "eval_loss", "eval_accuracy",
-    "eval_tokens", "downstream_task", "downstream_accuracy", "random_init_accuracy", "downstream_f1", "random_init_f1", "wall_time_s",
-    "samples_per_s", "skipped_steps", "planned_steps", "planned_samples", "note", "run",
+    "eval_tokens", "downstream_task", "downstream_accuracy", "random_init_accuracy", "downstream_f1",
+    "random_init_f1", "wall_time_s", "samples_per_s", "skipped_steps", "planned_steps", "planned_samples",
+    "differs_in", "note", "run",
 ]
+
+# Config keys that say how a run was executed or recorded, not what it computed: runs that differ only in
+# these (and the seed) are seeds of one cell. A key ending in "." covers everything under it.
+BOOKKEEPING_KEYS = ("progress", "logger.", "data.cache_dir", "data.num_workers", "save_checkpoint",
+                    "checkpoint_every_epochs", "keep_checkpoints", "resume", "overwrite", "per_layer_trust_ratios")
+# The batch ladder's own axis: shown by batch_schedule, so left out of differs_in across rungs.
+AXIS_KEYS = ("batch", "micro_batch", "stages", "stages.")
+STATUSES = ("ok", "failed", "interrupted", "running", "incomplete")
 
 
 def find_run_dirs(paths: list[Path]) -> list[Path]:
@@ -40,12 +57,71 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
 def collect_runs(paths: list[Path]) -> list[dict]:
     """One row per run folder found under ``paths`` (see :data:`RUN_COLUMNS`), sorted for reading."""
     rows = [load_run(d) for d in find_run_dirs(paths)]
+    mark_differences(rows)
     return sorted(rows, key=sort_key)
 
 
 def sort_key(row: dict):
-    return (optimizer_rank(row["optimizer"]), row["stages"] > 1, row["batch_size"] or 0, str(row["batch"]),
-            row["seed"] if row["seed"] is not None else -1, row["run"])
+    return (optimizer_rank(row["optimizer"]), row["stages"] > 1, row["batch"] or 0, str(row["batch_schedule"]),
+            row.get("differs_in") or "", row["seed"] if row["seed"] is not None else -1, row["run"])
+
+
+def key_matches(key: str, patterns: tuple[str, ...]) -> bool:
+    """Whether ``key`` is one of ``patterns`` (a pattern ending in "." covers every key below it)."""
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
+def flatten_config(cfg, prefix: str = "") -> dict:
+    """{"optimizer.lr": 0.001, "stages.1.batch": 128, "data.sources": "[wiki, bible]", ...}: dicts and lists of
+    dicts are opened up, lists of plain values kept whole (as text), so every key is comparable."""
+    out: dict = {}
+    if isinstance(cfg, dict):
+        items = cfg.items()
+    elif isinstance(cfg, list) and any(isinstance(v, (dict, list)) for v in cfg):
+        items = ((str(i), v) for i, v in enumerate(cfg))
+    else:
+        return {prefix.rstrip("."): "[" + ", ".join(map(str, cfg)) + "]" if isinstance(cfg, list) else cfg}
+    for key, value in items:
+        if isinstance(value, (dict, list)) and value:
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = "[]" if value == [] else "{}" if value == {} else value
+    return out
+
+
+def result_config(row: dict) -> dict:
+    """The run's flattened config less the seed and the bookkeeping keys: equal for seeds of one cell."""
+    return {k: v for k, v in (row.get("_config") or {}).items()
+            if k != "seed" and not key_matches(k, BOOKKEEPING_KEYS)}
+
+
+def _differing(rows: list[dict]) -> set[str]:
+    configs = [result_config(r) for r in rows]
+    keys = set().union(*configs) if configs else set()
+    return {k for k in keys if len({repr(c.get(k)) for c in configs}) > 1}
+
+
+def mark_differences(rows: list[dict]) -> None:
+    """Set each row's ``differs_in``: "key=value, ..." for the config keys (seed and bookkeeping aside) that
+    vary between the runs of its optimizer, leaving out the ladder's axis (batch, stages), which the batch
+    schedule shows, unless runs with the same batch schedule differ there too."""
+    by_optimizer: dict = {}
+    for r in rows:
+        by_optimizer.setdefault(r["optimizer"], []).append(r)
+    for group in by_optimizer.values():
+        keys = {k for k in _differing(group) if k != "optimizer.name" and not key_matches(k, AXIS_KEYS)}
+        twins: dict = {}
+        for r in group:
+            twins.setdefault(r["batch_schedule"], []).append(r)
+        for same_batch in twins.values():
+            shown = sorted(keys | _differing(same_batch))
+            for r in same_batch:
+                config = result_config(r)
+                r["differs_in"] = ", ".join(f"{k}={_show(config.get(k))}" for k in shown)
+
+
+def _show(value) -> str:
+    return "null" if value is None else repr(value) if isinstance(value, float) else str(value)
 
 
 def optimizer_rank(name) -> tuple:
@@ -59,23 +135,26 @@ def load_run(run_dir: Path) -> dict:
     cfg = _load_config(run_dir)
     plan = read_json(run_dir / "plan.json") or []
     summary = read_json(run_dir / "summary.json")
+    recorded = read_json(run_dir / "status.json")
+    recorded = recorded if isinstance(recorded, dict) else None
     metrics = read_metrics(run_dir)
     train_lines = [m for m in metrics if "loss" in m]
 
     stages = plan or _stages_from_config(cfg)
-    batch_label = (str(stages[-1]["batch"]) if len(stages) == 1
-                   else "/".join(f"{s['batch']}@{s['seq_len']}" for s in stages))
+    batch_schedule = (str(stages[-1]["batch"]) if len(stages) == 1
+                      else "/".join(f"{s['batch']}@{s['seq_len']}" for s in stages))
     down = read_json(run_dir / "downstream.json") or {}
     down_random = read_json(run_dir / "downstream_random.json") or {}
     summary_or_empty = summary or {}
+    status = _status(recorded, summary)
     row = {
         "optimizer": _get(cfg, "optimizer.name") or summary_or_empty.get("optimizer"),
-        "batch": batch_label,
-        "batch_size": stages[-1]["batch"] if stages else None,
+        "batch": stages[-1]["batch"] if stages else None,
+        "batch_schedule": batch_schedule,
         "seq_len": stages[-1]["seq_len"] if stages else None,
         "stages": len(stages),
         "seed": _get(cfg, "seed"),
-        "status": "ok" if summary is not None else "incomplete",
+        "status": status,
         "base_lr": _get(cfg, "optimizer.lr"),
         # Multi-stage runs have one peak lr per stage (stage 2 re-warms, as in the paper's mixed batch).
         "peak_lr": (None if not plan else plan[0]["lr"] if len(plan) == 1
@@ -90,11 +169,13 @@ def load_run(run_dir: Path) -> dict:
         "random_init_f1": _finite(down_random.get("f1")),
         "planned_steps": sum(p["total_steps"] for p in plan) if plan else None,
         "planned_samples": sum(p["total_steps"] * p["batch"] for p in plan) if plan else None,
+        "differs_in": "",
         "note": "",
         "run": display_path(run_dir),
         "_dir": run_dir,
+        "_config": flatten_config(cfg),
     }
-    if summary is not None:
+    if status == "ok":
         row.update(
             steps=summary.get("steps"), samples=summary.get("samples"), final_loss=_finite(summary.get("final_loss")),
             eval_loss=_finite(summary.get("eval/loss")), eval_accuracy=_finite(summary.get("eval/accuracy")),
@@ -106,11 +187,42 @@ def load_run(run_dir: Path) -> dict:
     else:
         # Results of an unfinished run are left empty: a half-trained loss must not sit beside finished ones.
         last = train_lines[-1] if train_lines else {}
-        row.update(steps=last.get("step"), samples=last.get("samples"), final_loss=None, eval_loss=None,
-                   eval_accuracy=None, eval_tokens=None, wall_time_s=None, samples_per_s=None,
-                   skipped_steps=last.get("skipped_steps"))
-        row["note"] = _incomplete_note(run_dir, last, row["planned_steps"], bool(plan))
+        step = (recorded or {}).get("step")
+        row.update(steps=step if isinstance(step, int) else last.get("step"), samples=last.get("samples"),
+                   final_loss=None, eval_loss=None, eval_accuracy=None, eval_tokens=None, wall_time_s=None,
+                   samples_per_s=None, skipped_steps=last.get("skipped_steps"))
+        row["note"] = _unfinished_note(run_dir, status, recorded, summary, last, row["planned_steps"], bool(plan))
     return row
+
+
+def _status(recorded: dict | None, summary: dict | None) -> str:
+    """ok | failed | interrupted | running | incomplete (see the module's docstring)."""
+    if recorded is None:  # no status.json: an older trainer, whose summary.json came last
+        return "ok" if summary is not None else "incomplete"
+    said = recorded.get("status")
+    if said == "finished":
+        return "ok" if summary is not None else "incomplete"
+    return said if said in ("failed", "interrupted", "running") else "incomplete"
+
+
+def _unfinished_note(run_dir: Path, status: str, recorded: dict | None, summary: dict | None, last: dict,
+                     planned_steps, has_plan: bool) -> str:
+    step = (recorded or {}).get("step", last.get("step"))
+    where = "" if step is None else f" at step {step}" + (f" of {planned_steps}" if planned_steps else "")
+    error = (recorded or {}).get("error")
+    if status == "failed":
+        reason = " ".join(str(error or _last_error_line(run_dir) or "no error recorded").split())
+        return f"failed{where}: {reason[:300]}"
+    if status == "interrupted":
+        return f"interrupted{where}" + (f" ({error})" if error else "") + "; continue it with resume=auto"
+    if status == "running":
+        return (f"status.json says running (still running, or killed without a chance to record it); last "
+                f"logged step {last.get('step')} of {planned_steps}")
+    if recorded is not None and recorded.get("status") == "finished" and summary is None:
+        return "status.json says finished but summary.json is missing"
+    if recorded is not None:
+        return f"status.json holds an unknown status {recorded.get('status')!r}"
+    return _incomplete_note(run_dir, last, planned_steps, has_plan)
 
 
 def _incomplete_note(run_dir: Path, last: dict, planned_steps, has_plan: bool) -> str:

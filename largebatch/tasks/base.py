@@ -62,9 +62,10 @@ class Task:
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
-    def steps(self, plan, *, stage_index: int, rank: int, world_size: int) -> Iterator[list[dict]]:
-        """Yield this rank's micro-batches of one optimizer step after another, forever (the split
-        itself is ``largebatch.data.steps``'s)."""
+    def steps(self, plan, *, stage_index: int, rank: int, world_size: int, start_step: int = 0
+              ) -> Iterator[list[dict]]:
+        """Yield this rank's micro-batches of one optimizer step after another, from step ``start_step``
+        of the stage (a resumed run), forever (the split itself is ``largebatch.data.steps``'s)."""
         raise NotImplementedError
 
     def normaliser(self, micro_batch: dict) -> torch.Tensor:

@@ -65,10 +65,11 @@ class ClassificationTask(Task):
         row_size = self.splits.train_images.shape[-1]
         return LSTMClassifier(row_size, self.splits.num_classes, hidden=m.hidden, layers=m.layers, dropout=m.dropout)
 
-    def steps(self, plan, *, stage_index, rank, world_size):
+    def steps(self, plan, *, stage_index, rank, world_size, start_step=0):
         dataset = ImageDataset(self.splits.train_images, self.splits.train_labels)
         return index_steps(dataset, plan, rank=rank, world_size=world_size, seed=self.cfg.seed,
-                           num_workers=self.cfg.data.num_workers, first_epoch=STAGE_EPOCH_STRIDE * stage_index)
+                           num_workers=self.cfg.data.num_workers, first_epoch=STAGE_EPOCH_STRIDE * stage_index,
+                           start_step=start_step)
 
     def normaliser(self, micro_batch):
         return micro_batch["labels"].numel()

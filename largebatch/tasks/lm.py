@@ -80,15 +80,18 @@ class LanguageModelTask(Task):
 
         return LSTMLanguageModel(len(self.corpus.vocab), self.shape, tie_weights=self.cfg.model.tie_weights)
 
-    def steps(self, plan, *, stage_index, rank, world_size):
+    def steps(self, plan, *, stage_index, rank, world_size, start_step=0):
         streams = batchify(self.corpus.train, plan.batch)[rank_share(plan.batch, world_size, rank)]
         slots = split_micro(streams.shape[0], plan.micro_batch)
         window = plan.seq_len
+        first_window = start_step % plan.steps_per_epoch  # a resumed run restores the states mid-epoch
         while True:  # epochs
-            self.states = {}
-            for t in range(plan.steps_per_epoch):
+            if first_window == 0:
+                self.states = {}
+            for t in range(first_window, plan.steps_per_epoch):
                 chunk = streams[:, t * window: (t + 1) * window + 1]
                 yield [{"inputs": chunk[part, :-1], "targets": chunk[part, 1:]} for part in slots]
+            first_window = 0
 
     def normaliser(self, micro_batch):
         return micro_batch["inputs"].shape[0]

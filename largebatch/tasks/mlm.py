@@ -52,9 +52,10 @@ class MaskedLMTask(Task):
         return build_bert(model_cfg.size, vocab_size, model_cfg.dropout,
                           max(model_cfg.max_position_embeddings, longest))
 
-    def steps(self, plan, *, stage_index, rank, world_size):
+    def steps(self, plan, *, stage_index, rank, world_size, start_step=0):
         return index_steps(self.data(plan.seq_len).train, plan, rank=rank, world_size=world_size, seed=self.cfg.seed,
-                           num_workers=self.cfg.data.num_workers, first_epoch=STAGE_EPOCH_STRIDE * stage_index)
+                           num_workers=self.cfg.data.num_workers, first_epoch=STAGE_EPOCH_STRIDE * stage_index,
+                           start_step=start_step)
 
     def normaliser(self, micro_batch):
         return (micro_batch["labels"] != IGNORE_INDEX).sum()

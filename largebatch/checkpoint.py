@@ -1,0 +1,139 @@
+"""Periodic checkpoints, exact resume, and a clean stop on SIGINT/SIGTERM.
+
+A checkpoint is a folder ``checkpoints/step_<N>/`` holding Accelerate's state (model, optimizer, every
+rank's RNG states), each rank's task state (a stateful LM's hidden states) and ``trainer_state.json``
+(stage, position in the stage, counters, the open log window). It is written under a temporary name
+and renamed when every rank has finished: a folder under its final name is complete by construction.
+Data order and masks are functions of (seed, epoch, sample), so the position is all a resume needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from largebatch.errors import ConfigError, LargebatchError
+from largebatch.fileio import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+# Keys that may differ between a run and its resumption (everything else must match).
+RESUMABLE_DIFFERENCES = {"resume", "overwrite", "progress", "logger", "keep_checkpoints"}
+
+
+@dataclass
+class TrainerState:
+    stage_index: int = 0
+    stage_step: int = 0  # the next step to run within the stage
+    step: int = 0  # optimizer steps done, all stages
+    samples: int = 0
+    skipped: int = 0
+    skipped_in_a_row: int = 0
+    window: dict = field(default_factory=dict)  # the open log window's sums
+    last_eval: dict | None = None
+    last_loss: float | None = None
+    elapsed_s: float = 0.0  # training wall time of the earlier sessions
+
+
+class Interrupted(LargebatchError):
+    """SIGINT/SIGTERM: the run stopped cleanly after a checkpoint."""
+
+    def __init__(self, message: str, step: int, signum: int):
+        super().__init__(message)
+        self.step = step
+        self.exit_code = 128 + signum
+
+
+class GracefulStop:
+    """The first SIGINT/SIGTERM asks the loop to stop after the current step; a second one exits at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM") and _main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        log.warning("%s received: stopping after this step with a checkpoint (send it again to exit at once)",
+                    signal.Signals(signum).name)
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_DFL)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    done = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_") and
+            (p / "trainer_state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_checkpoint(accelerator, task, state: TrainerState, run_dir: Path, keep: int) -> Path:
+    """Every rank calls this; the folder appears under its final name only once it is complete."""
+    final = Path(run_dir) / CHECKPOINTS / f"step_{state.step:08d}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    torch.save(task.state_dict(), tmp / f"task_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(tmp / "trainer_state.json", asdict(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, task, checkpoint: Path) -> TrainerState:
+    accelerator.load_state(str(checkpoint))
+    task_state = checkpoint / f"task_state_{accelerator.process_index}.pt"
+    if not task_state.is_file():
+        raise ConfigError(f"{checkpoint} has no {task_state.name}: it was written by a run with another number "
+                          f"of processes; resume with the world size it was saved with")
+    task.load_state_dict(torch.load(task_state, weights_only=False))
+    return TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, ignoring the keys a resumption may change."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if not prefix and key in RESUMABLE_DIFFERENCES:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} in the run, {b!r} now")
+    return out

@@ -1,0 +1,150 @@
+"""Runs that survive: kill -9 or SIGTERM mid-run, resume, and every logged number equals the
+uninterrupted run's (CPU, fp32, dropout on: the RNG states are restored); sweeps outlive a failing job;
+run folders are never silently reused; bad values are one `error:` line before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, lb
+from largebatch.checkpoint import Interrupted, checkpoint_dirs
+from largebatch.errors import ConfigError
+from largebatch.train import train
+
+RUN = ["scale=tiny", "progress=false", "log_every=1", "epochs=4", "checkpoint_every_epochs=0.5"]
+
+
+def records(run_dir) -> list[dict]:
+    """Every metric line, without the timing fields (they differ between sessions by nature)."""
+    timing = {"samples_per_s", "tokens_per_s"}
+    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_records(resumed, reference):
+    assert len(resumed) == len(reference)
+    for got, want in zip(resumed, reference):
+        assert got.keys() == want.keys(), got["step"]
+        for key, value in want.items():
+            assert got[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-6)), (got["step"], key)
+
+
+def start(cmd, run_dir, data_cache, *extra, env=None):
+    return subprocess.Popen([*cmd, *RUN, f"data.cache_dir={data_cache}", f"hydra.run.dir={run_dir}", *extra],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=env)
+
+
+def kill_after_first_checkpoint(proc, run_dir, timeout=240):
+    deadline = time.time() + timeout
+    while not checkpoint_dirs(run_dir):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "summary.json").exists()  # it really died mid-run
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "running"
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_kill_9_then_resume_continues_the_uninterrupted_run_exactly(tmp_path, data_cache, world):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    cmd = [lb("lb-train")] if world == 1 else [lb("torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
+                                                 "largebatch.cli"]
+    reference = start(cmd, tmp_path / "reference", data_cache, env=env)
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
+    killed = start(cmd, tmp_path / "run", data_cache, env=env)
+    kill_after_first_checkpoint(killed, tmp_path / "run")
+    resumed = start(cmd, tmp_path / "run", data_cache, "resume=auto", env=env)
+    assert resumed.wait(timeout=300) == 0, [l for l in resumed.stderr.read().splitlines() if "Error" in l][:8]
+    assert_same_records(records(tmp_path / "run"), records(tmp_path / "reference"))
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "finished"
+    assert len(checkpoint_dirs(tmp_path / "run")) == 2  # keep_checkpoints
+
+
+def sigterm_at_step(monkeypatch, step: int, micro_per_step: int):
+    from largebatch.tasks.mlm import MaskedLMTask
+
+    calls = {"n": 0}
+    forward = MaskedLMTask.forward
+
+    def forward_then_signal(self, model, micro_batch, slot):
+        calls["n"] += 1
+        if calls["n"] == step * micro_per_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, model, micro_batch, slot)
+
+    monkeypatch.setattr(MaskedLMTask, "forward", forward_then_signal)
+
+
+STAGES = ["experiment=lamb_mixed_batch", "optimizer=adamw", "stages.0.batch=64", "stages.1.batch=32",
+          "stages.0.fraction=0.5", "stages.1.fraction=0.5", "epochs=0.4", "eval_max_batches=2", "log_every=1",
+          "micro_batch=16"]
+
+
+def test_sigterm_at_a_stage_boundary_checkpoints_and_resume_matches(compose_cfg, tmp_path, monkeypatch):
+    train(compose_cfg(*STAGES), tmp_path / "reference")
+    plan = json.loads((tmp_path / "reference" / "plan.json").read_text())
+    boundary = plan[0]["total_steps"]  # the last step of stage 1
+    sigterm_at_step(monkeypatch, boundary, micro_per_step=plan[0]["accumulation"])
+    with pytest.raises(Interrupted) as stopped:
+        train(compose_cfg(*STAGES), tmp_path / "run")
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["step"] == boundary
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == [f"step_{boundary:08d}"]
+    monkeypatch.undo()
+    train(compose_cfg(*STAGES, "resume=auto"), tmp_path / "run")
+    assert_same_records(records(tmp_path / "run"), records(tmp_path / "reference"))
+
+
+def test_a_run_folder_is_never_silently_reused(compose_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(compose_cfg("epochs=0.05", "save_checkpoint=false"), run)
+    with pytest.raises(ConfigError, match="already holds a run .status: finished.*resume=auto.*overwrite=true"):
+        train(compose_cfg("epochs=0.05"), run)
+    with pytest.raises(ConfigError, match="another config .*optimizer.lr"):
+        train(compose_cfg("epochs=0.05", "save_checkpoint=false", "optimizer.lr=0.5", "resume=auto"), run)
+    train(compose_cfg("epochs=0.1", "save_checkpoint=false", "overwrite=true"), run)
+    steps = [m["step"] for m in records(run) if "loss" in m]
+    assert steps == list(range(1, len(steps) + 1))  # one run's lines, none of the replaced run's
+
+
+def test_a_sweep_outlives_a_diverging_job(tmp_path, data_cache):
+    proc = subprocess.run([lb("lb-train"), "-m", "scale=tiny", "progress=false", "save_checkpoint=false",
+                           f"data.cache_dir={data_cache}", "optimizer=sgd", "optimizer.momentum=0", "schedule=constant",
+                           "epochs=0.1", "optimizer.lr=0.001,1e30,0.002", f"hydra.sweep.dir={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "1 sweep job(s) failed" in proc.stderr and "non-finite loss" in proc.stderr
+    statuses = {d.name.split("_")[0]: json.loads((d / "status.json").read_text()) for d in tmp_path.iterdir()
+                if (d / "status.json").exists()}
+    assert [statuses[i]["status"] for i in "012"] == ["finished", "failed", "finished"]
+    assert "NonFiniteError: non-finite loss" in statuses["1"]["error"]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("eval_batch=0", "eval_batch=0 must be an integer > 0"),
+    ("log_every=0", "log_every=0"),
+    ("micro_batch=-4", "micro_batch=-4"),
+    ("micro_batch=0", "micro_batch=0"),
+    ("on_nonfinite=skipp", "on_nonfinite='skipp' is not one of stop | skip"),
+    ("+optimiser=lamb", "unknown config key 'optimiser'"),
+    ("checkpoint_every_epochs=0", "checkpoint_every_epochs=0"),
+    ("resume=/nonexistent/run", "/nonexistent/run"),
+])
+def test_bad_values_are_one_error_line_and_write_nothing(tmp_path, override, message):
+    for cmd in ([lb("lb-train"), f"hydra.run.dir={tmp_path / 'run'}"], [lb("lb-plan")]):
+        if cmd[0].endswith("lb-plan") and override.startswith("resume"):
+            continue  # lb-plan does not resume
+        proc = subprocess.run([*cmd, "scale=tiny", override], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, (cmd, proc.stderr[-2000:])
+        assert proc.stderr.startswith("error:") and message in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "status.json").exists()
