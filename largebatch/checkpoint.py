@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 # Keys that may differ between a run and its resumption (everything else must match).
-RESUMABLE_DIFFERENCES = {"resume", "overwrite", "progress", "logger", "keep_checkpoints"}
+RESUMABLE_DIFFERENCES = {"resume", "overwrite", "progress", "logger", "keep_checkpoints", "checkpoint_every_epochs",
+                         "save_checkpoint"}
 
 
 @dataclass

@@ -168,10 +168,14 @@ def test_cli_writes_pretrained_and_random_results(model_dir, capsys):
     assert "accuracy" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("case", ["no_model", "no_squad"])
+@pytest.mark.parametrize("case", ["no_model", "no_weights", "no_squad"])
 def test_cli_errors_are_one_line_and_exit_2(model_dir, tmp_path, capsys, case):
     if case == "no_model":
         argv = [str(tmp_path / "missing_run")]
+    elif case == "no_weights":  # a run killed while saving: config.json but no weights
+        (tmp_path / "torn" / "model").mkdir(parents=True)
+        (tmp_path / "torn" / "model" / "config.json").write_text((model_dir / "config.json").read_text())
+        argv = [str(tmp_path / "torn")]
     else:
         argv = [str(model_dir.parent), "--squad-train", str(tmp_path / "train-v1.1.json"),
                 "--squad-dev", str(tmp_path / "dev-v1.1.json")]
@@ -180,7 +184,7 @@ def test_cli_errors_are_one_line_and_exit_2(model_dir, tmp_path, capsys, case):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
-    assert ("no model in" if case == "no_model" else "SQuAD file not found") in err
+    assert {"no_model": "no model in", "no_weights": "no weights in", "no_squad": "SQuAD file not found"}[case] in err
 
 
 def test_the_lb_finetune_console_script_still_reaches_main():

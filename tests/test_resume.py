@@ -63,7 +63,7 @@ def test_kill_9_then_resume_continues_the_uninterrupted_run_exactly(tmp_path, da
     killed = start(cmd, tmp_path / "run", data_cache, env=env)
     kill_after_first_checkpoint(killed, tmp_path / "run")
     resumed = start(cmd, tmp_path / "run", data_cache, "resume=auto", env=env)
-    assert resumed.wait(timeout=300) == 0, [l for l in resumed.stderr.read().splitlines() if "Error" in l][:8]
+    assert resumed.wait(timeout=300) == 0, [line for line in resumed.stderr.read().splitlines() if "Error" in line][:8]
     assert_same_records(records(tmp_path / "run"), records(tmp_path / "reference"))
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "finished"
     assert len(checkpoint_dirs(tmp_path / "run")) == 2  # keep_checkpoints

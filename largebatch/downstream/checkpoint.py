@@ -28,6 +28,11 @@ def checked_model_dir(model_dir: str | Path) -> Path:
             f"no model in {model_dir} (config.json missing); pass a pretraining run folder whose model/ "
             "holds the checkpoint and tokenizer that lb-train saves at the end of a run"
         )
+    if not any((model_dir / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+        raise DataNotFoundError(
+            f"no weights in {model_dir} (config.json is there, model.safetensors is not): the run that wrote it "
+            "did not finish saving; pass the model/ folder of a finished lb-train run"
+        )
     return model_dir
 
 
