@@ -32,10 +32,12 @@ def test_global_batch_override(compose_cfg):
     assert compose_cfg("batch=32768", "optimizer=adamw", "model=bert").batch == 32768
 
 
-@pytest.mark.parametrize("override", ["optimizer.lrr=1e-3", "model.sise=base", "batchsize=64", "batch=many"])
-def test_misspelt_or_mistyped_key_fails_at_compose(compose_cfg, override):
+@pytest.mark.parametrize("override", ["optimizer.lrr=1e-3", "model.sise=base", "batchsize=64", "batch=many",
+                                      "model=lstm_lm model.heads=12", "model=bert model.bptt=35",
+                                      "data=ptb data.seq_len=64", "data=mnist data.max_tokens=5"])
+def test_misspelt_mistyped_or_other_familys_key_fails_at_compose(compose_cfg, override):
     with pytest.raises(ConfigCompositionException):
-        compose_cfg(override)
+        compose_cfg(*override.split())
 
 
 def test_scale_presets_and_user_overrides(compose_cfg):

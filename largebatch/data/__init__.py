@@ -12,12 +12,10 @@ DOCUMENT, with a fixed seed, so it is the same for every run.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import torch
 from largebatch.data import tokenizer as wordpiece
 from largebatch.data.mlm import MaskedLMDataset, pack_sequences
 from largebatch.errors import ConfigError
-from largebatch.fileio import atomic_dir, atomic_write_json
+from largebatch.fileio import atomic_dir, atomic_file, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -125,17 +123,8 @@ def _tokenize(tokenizer, train_docs: list[str], eval_docs: list[str], seq_len: i
 
 def _save_sequences(splits: dict, path: Path, tokenizer_id: str) -> None:
     """torch.save under a temporary name in the same folder, renamed into place when complete."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({**splits, "tokenizer": tokenizer_id}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "wb") as f:
+        torch.save({**splits, "tokenizer": tokenizer_id}, f)
 
 
 def _load_sequences(path: Path, tokenizer_id: str) -> dict | None:

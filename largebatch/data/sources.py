@@ -251,19 +251,21 @@ def text_file_documents(
             dataset = datasets.load_dataset(builder, data_files=[path], split="train", **options)
         except unreadable as error:
             raise ConfigError(_unreadable_message(path, builder, error)) from error
-        found = _column(dataset, column, path)
-        if not found:
-            what = ("only blank lines" if builder == "text"
-                    else f"no row with a non-empty {column!r} value")
-            raise ConfigError(
+        what = "only blank lines" if builder == "text" else f"no row with a non-empty {column!r} value"
+        if _add_documents(documents, _column(dataset, column, path), max_documents, (
                 f"{path} yields no documents ({what}): put text in it (.txt: documents separated by blank "
                 f"lines; .json/.jsonl/.parquet: one document per row's data.text_column), or remove it from "
-                f"data.files=[...]"
-            )
-        documents.extend(found)
-        if max_documents is not None and len(documents) >= max_documents:
+                f"data.files=[...]")):
             return documents[:max_documents]
     return documents
+
+
+def _add_documents(documents: list[str], found: list[str], max_documents: int | None, if_none: str) -> bool:
+    """Append one source's documents (none is the error ``if_none``); True once max_documents are in."""
+    if not found:
+        raise ConfigError(if_none)
+    documents.extend(found)
+    return max_documents is not None and len(documents) >= max_documents
 
 
 def _unreadable_errors() -> tuple[type[BaseException], ...]:
@@ -371,14 +373,9 @@ def hub_documents(
             raise DataNotFoundError(
                 f"could not load dataset {spec!r} {where}: {error}. " + _HUB_HELP.format(id=dataset_id)
             ) from error
-        found = _column(dataset, text_column, spec)
-        if not found:
-            raise ConfigError(
+        if _add_documents(documents, _column(dataset, text_column, spec), max_documents, (
                 f"dataset {spec!r} yields no documents (no row with a non-empty {text_column!r} value): set "
-                f"data.text_column to its text column, or remove it from data.hub_datasets=[...]"
-            )
-        documents.extend(found)
-        if max_documents is not None and len(documents) >= max_documents:
+                f"data.text_column to its text column, or remove it from data.hub_datasets=[...]")):
             return documents[:max_documents]
     return documents
 
