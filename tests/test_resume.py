@@ -48,7 +48,10 @@ def kill_after_first_checkpoint(proc, run_dir, timeout=240):
         assert time.time() < deadline
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
+    # torchrun starts its workers in sessions of their own: kill whatever still runs in this folder
+    subprocess.run(["pkill", "-9", "-f", f"hydra.run.dir={run_dir}"], check=False)
     proc.wait()
+    time.sleep(0.5)
     assert not (run_dir / "summary.json").exists()  # it really died mid-run
     assert json.loads((run_dir / "status.json").read_text())["status"] == "running"
 
