@@ -78,7 +78,20 @@ def _train_task(cfg: DictConfig):
     return summary.get(summary["primary_metric"])  # what a Hydra sweeper optimises
 
 
+def _check_output_dirs(argv: list[str]) -> None:
+    """Hydra creates the run folder before the run starts: refuse one that cannot be created, in one line."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and value:
+            existing = Path(value).absolute()
+            while not existing.exists():
+                existing = existing.parent
+            if not existing.is_dir() or not os.access(existing, os.W_OK):
+                fail(f"{key}={value} cannot be created ({existing} is not a writable folder); choose another")
+
+
 def train_main() -> None:
+    _check_output_dirs(sys.argv[1:])
     _set_run_stamp()
     _train_task()
     if _FAILED_JOBS:
