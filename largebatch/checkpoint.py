@@ -42,6 +42,7 @@ class TrainerState:
     last_eval: dict | None = None
     last_loss: float | None = None
     elapsed_s: float = 0.0  # training wall time of the earlier sessions
+    world_size: int = 1  # a checkpoint resumes only on as many processes (the LM's states are per rank)
 
 
 class Interrupted(LargebatchError):
@@ -99,8 +100,10 @@ def save_checkpoint(accelerator, task, state: TrainerState, run_dir: Path, keep:
     """Every rank calls this; the folder appears under its final name only once it is complete."""
     final = Path(run_dir) / CHECKPOINTS / f"step_{state.step:08d}"
     tmp = final.with_name(f".{final.name}.tmp")
+    state.world_size = accelerator.num_processes
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in final.parent.glob(".step_*.tmp"):  # left by a killed session
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
@@ -108,8 +111,14 @@ def save_checkpoint(accelerator, task, state: TrainerState, run_dir: Path, keep:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / "trainer_state.json", asdict(state))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        if final.exists():  # the same step saved again (a finished run resumed): keep one complete copy at all times
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -117,13 +126,17 @@ def save_checkpoint(accelerator, task, state: TrainerState, run_dir: Path, keep:
 
 
 def load_checkpoint(accelerator, task, checkpoint: Path) -> TrainerState:
+    state = TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+    if state.world_size != accelerator.num_processes:
+        raise ConfigError(f"{checkpoint} was written by {state.world_size} process(es) and this run has "
+                          f"{accelerator.num_processes}; resume it with the world size it was saved with")
     accelerator.load_state(str(checkpoint))
     task_state = checkpoint / f"task_state_{accelerator.process_index}.pt"
     if not task_state.is_file():
         raise ConfigError(f"{checkpoint} has no {task_state.name}: it was written by a run with another number "
                           f"of processes; resume with the world size it was saved with")
     task.load_state_dict(torch.load(task_state, weights_only=False))
-    return TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+    return state
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -56,6 +56,25 @@ class LstmClassifierConfig:
 
 
 @dataclass
+class ResnetConfig:
+    """ResNets for images (largebatch/models/resnet.py): torchvision's 18/34/50 or the CIFAR ResNet-20."""
+
+    name: str = "resnet"
+    task: str = "vision"
+    depth: int = 50  # 18 | 34 | 50 (torchvision, weights=None) | 20 (CIFAR ResNet-20)
+    small_stem: bool | None = None  # 3x3 stride-1 stem, no max-pool; null: for images of 64 px or less
+    zero_init_residual: bool = True  # last BN gamma of each block = 0 (Goyal et al. 2017)
+    norm: str = "batch"  # batch | none
+    channels_last: bool = True  # on CUDA only
+    num_classes: int | None = None  # null: from the data
+    label_smoothing: float = 0.0  # training loss only
+    augment: bool = True  # random crops (+ flips) while training
+    crop_padding: int = 4  # small images: zero padding of the random crop
+    image_size: int = 224  # imagefolder: training crop and held-out centre crop
+    eval_resize: int = 256  # imagefolder: held-out images' shorter side before the centre crop
+
+
+@dataclass
 class TextDataConfig:
     name: str = MISSING  # bundled | text_files | hub
     sources: list[str] = field(default_factory=list)  # bundled corpora: wiki, shakespeare, bible
@@ -113,6 +132,7 @@ class OptimizerConfig:
     exclude_from_weight_decay: list[str] | None = None
     exclude_from_adaptation: list[str] | None = None
     implementation: str | None = None
+    lr_in_momentum: bool | None = None  # Lars only: lr inside the momentum buffer (MLPerf / TensorFlow)
 
 
 @dataclass
@@ -205,6 +225,7 @@ def register_configs() -> None:
         ("model", "bert_schema", BertModelConfig),
         ("model", "lstm_lm_schema", LstmLMConfig),
         ("model", "lstm_classifier_schema", LstmClassifierConfig),
+        ("model", "resnet_schema", ResnetConfig),
         ("data", "text_schema", TextDataConfig),
         ("data", "word_corpus_schema", WordCorpusConfig),
         ("data", "image_schema", ImageDataConfig),
@@ -264,7 +285,7 @@ def validate(cfg) -> None:
 
     positive("batch", cfg.batch)
     positive("micro_batch", cfg.micro_batch, allow_none=True)
-    positive("epochs", cfg.epochs, integer=False, zero=True)
+    positive("epochs", cfg.epochs, integer=False)
     positive("eval_every_epochs", cfg.eval_every_epochs, integer=False)
     positive("eval_batch", cfg.eval_batch)
     positive("eval_max_batches", cfg.eval_max_batches, allow_none=True)
@@ -275,6 +296,11 @@ def validate(cfg) -> None:
     for i, stage in enumerate(cfg.stages):
         positive(f"stages[{i}].batch", stage.batch, allow_none=True)
         positive(f"stages[{i}].micro_batch", stage.micro_batch, allow_none=True)
+        positive(f"stages[{i}].seq_len", stage.seq_len, allow_none=True)
+        for key in ("epochs", "fraction"):
+            positive(f"stages[{i}].{key}", stage[key], allow_none=True, integer=False)
+        for key in ("lr", "warmup_epochs", "warmup_fraction"):
+            positive(f"stages[{i}].{key}", stage[key], allow_none=True, integer=False, zero=True)
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:
             raise ConfigError(f"{key}={cfg[key]!r} is not one of {' | '.join(choices)}")

@@ -3,7 +3,7 @@
     config.yaml     the resolved config
     env.json        command, package versions, git sha + dirty flag, device, world size
     plan.json       the resolved stages (batch, accumulation, steps, lr, warmup)
-    status.json     running (written first), then finished / failed / interrupted, with the error
+    status.json     running (written with the config), then finished / failed / interrupted, with the error
     metrics.jsonl   append-only, one JSON object per log or eval step
     summary.json    final metrics, wall time, samples seen (written before the final checkpoint)
 Only the main process writes; the other ranks get a recorder that does nothing.
@@ -91,11 +91,12 @@ class RunRecorder:
             raise ConfigError(f"cannot write the run folder {self.run_dir}: {error.strerror}; choose a writable "
                               "hydra.run.dir") from None
         self.status("running")
-        atomic_write_json(self.run_dir / "env.json", environment(world_size, device))
+        # the first session's env.json stays; a resumed session records its own next to it
+        env_name = "env.json" if resume_step is None else f"env.resumed_at_step_{resume_step}.json"
+        atomic_write_json(self.run_dir / env_name, environment(world_size, device))
         metrics = self.run_dir / "metrics.jsonl"
         if resume_step is not None and metrics.exists():
-            kept = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in metrics.read_text().splitlines() if _step_of(line) <= resume_step]
             atomic_write_text(metrics, "".join(f"{line}\n" for line in kept))
         elif metrics.exists():
             metrics.unlink()
@@ -136,6 +137,14 @@ class RunRecorder:
         if self._wandb:
             self._wandb.finish()
             self._wandb = None
+
+
+def _step_of(line: str) -> float:
+    """A metric line's step; infinity for a blank line or one a kill cut short (it is dropped)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return math.inf
 
 
 def _finite(record: dict) -> dict:

@@ -41,6 +41,7 @@ from largebatch.checkpoint import (
 )
 from largebatch.config import optimizer_options
 from largebatch.errors import ConfigError, NonFiniteError
+from largebatch.fileio import atomic_dir
 from largebatch.optim import create_optimizer, trust_ratio_stats
 from largebatch.plan import build_plans, format_plan, lr_schedule
 from largebatch.tasks import build_task
@@ -80,19 +81,30 @@ def open_run_dir(cfg, run_dir: Path) -> tuple[Path, Path | None]:
             raise ConfigError(f"resume={cfg.resume}: no run there (no config.yaml); give the folder of the run to "
                               "continue, or resume=auto to continue the run in hydra.run.dir if it has one")
     holds_run = any((run_dir / name).exists() for name in RUN_RECORDS)
-    if holds_run and cfg.resume is not None:
+    if holds_run and cfg.resume is not None and (run_dir / "config.yaml").is_file():
         saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
         differences = config_differences(saved, OmegaConf.to_container(cfg, resolve=True))
         if differences:
             raise ConfigError(f"resume: the run in {run_dir} was started with another config ("
                               + "; ".join(differences[:5]) + "); resume it with the same overrides")
         checkpoints = checkpoint_dirs(run_dir)
+        if not checkpoints and _status(run_dir) == "finished" and not cfg.overwrite:
+            raise ConfigError(f"resume: the run in {run_dir} finished without a checkpoint (save_checkpoint=false): "
+                              "there is nothing to continue; overwrite=true trains it again")
         return run_dir, checkpoints[-1] if checkpoints else None
+    if holds_run and cfg.resume is not None:  # a sweep job that failed before its run wrote anything
+        return run_dir, None
     if holds_run and not cfg.overwrite:
-        status = OmegaConf.load(run_dir / "status.json").get("status") if (run_dir / "status.json").is_file() else "?"
-        raise ConfigError(f"the run folder {run_dir} already holds a run (status: {status}); resume it with "
+        raise ConfigError(f"the run folder {run_dir} already holds a run (status: {_status(run_dir)}); resume it with "
                           "resume=auto, replace it with overwrite=true, or choose another hydra.run.dir")
     return run_dir, None
+
+
+def _status(run_dir: Path) -> str:
+    try:
+        return json.loads((run_dir / "status.json").read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return "unknown"
 
 
 def clear_run_records(run_dir: Path) -> None:
@@ -210,7 +222,9 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
             step_loss = loss_sum / targets.clamp(min=1)
             is_log_step = (stage_step + 1) % cfg.log_every == 0 or stage_step + 1 == plan.total_steps
             before = None
-            if not bool(torch.isfinite(grad_norm) & torch.isfinite(step_loss)):
+            # Under fp16 the GradScaler owns infinite gradients (it skips the step and lowers the scale).
+            finite = torch.isfinite(step_loss) & (torch.isfinite(grad_norm) if accelerator.scaler is None else True)
+            if not bool(finite):
                 message = (f"non-finite {'loss' if not torch.isfinite(step_loss) else 'gradient norm'} at step "
                            f"{state.step} (stage {plan.name}, lr {lr:.3g}): loss={step_loss.item()}, grad_norm="
                            f"{grad_norm.item()}. Lower the learning rate, lengthen warmup, enable gradient clipping, "
@@ -267,7 +281,7 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
                 window_started += time.perf_counter() - eval_started  # throughput excludes evaluation
             if end_of_stage:
                 state.stage_index, state.stage_step, state.window = state.stage_index + 1, 0, {}
-            stop_now = _any_rank(accelerator, stop.signum is not None)
+            stop_now = _any_rank(accelerator, stop.signum is not None) and state.stage_index < len(plans)
             if stop_now or (checkpoint_every and _crossed(state.samples, plan.batch, checkpoint_every)
                             and state.stage_index < len(plans)):
                 saved = save()
@@ -288,7 +302,8 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
     if cfg.save_checkpoint:
         save()
         if accelerator.is_main_process:
-            task.save_model(accelerator.unwrap_model(model), run_dir / "model")
+            with atomic_dir(run_dir / "model") as folder:
+                task.save_model(accelerator.unwrap_model(model), folder)
     if accelerator.is_main_process:
         log.info("done in %.1f s: %s", wall, {k: (round(v, 4) if isinstance(v, float) else v)
                                                 for k, v in summary.items()})

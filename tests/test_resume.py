@@ -72,11 +72,12 @@ def test_kill_9_then_resume_continues_the_uninterrupted_run_exactly(tmp_path, da
     assert len(checkpoint_dirs(tmp_path / "run")) == 2  # keep_checkpoints
 
 
-def sigterm_at_step(monkeypatch, step: int, micro_per_step: int):
+def sigterm_at_step(monkeypatch, step: int, micro_per_step: int, task_class=None):
     from largebatch.tasks.mlm import MaskedLMTask
 
+    task_class = task_class or MaskedLMTask
     calls = {"n": 0}
-    forward = MaskedLMTask.forward
+    forward = task_class.forward
 
     def forward_then_signal(self, model, micro_batch, slot):
         calls["n"] += 1
@@ -84,7 +85,7 @@ def sigterm_at_step(monkeypatch, step: int, micro_per_step: int):
             os.kill(os.getpid(), signal.SIGTERM)
         return forward(self, model, micro_batch, slot)
 
-    monkeypatch.setattr(MaskedLMTask, "forward", forward_then_signal)
+    monkeypatch.setattr(task_class, "forward", forward_then_signal)
 
 
 STAGES = ["experiment=lamb_mixed_batch", "optimizer=adamw", "stages.0.batch=64", "stages.1.batch=32",
@@ -152,3 +153,39 @@ def test_bad_values_are_one_error_line_and_write_nothing(tmp_path, override, mes
         assert proc.returncode == 2, (cmd, proc.stderr[-2000:])
         assert proc.stderr.startswith("error:") and message in proc.stderr and "Traceback" not in proc.stderr
         assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "status.json").exists()
+
+
+def test_stateful_lm_resumes_mid_epoch_exactly(tmp_path, monkeypatch):
+    """The LM's hidden states (per micro-batch slot) are part of the checkpoint: a resume in the middle of
+    an epoch continues every stream where it was, dropout on."""
+    from largebatch.config import compose
+    from largebatch.tasks.lm import LanguageModelTask
+
+    lm = ["scale=tiny", "progress=false", "model=lstm_lm", "data=ptb", "data.max_tokens=4000", "model.dropout=0.3",
+          "batch=8", "micro_batch=2", "epochs=1.5", "log_every=1", "eval_every_epochs=1"]
+    train(compose(lm), tmp_path / "reference")
+    sigterm_at_step(monkeypatch, 30, micro_per_step=4, task_class=LanguageModelTask)  # 49 windows an epoch
+    with pytest.raises(Interrupted):
+        train(compose(lm), tmp_path / "run")
+    monkeypatch.undo()
+    train(compose([*lm, "resume=auto"]), tmp_path / "run")
+    assert_same_records(records(tmp_path / "run"), records(tmp_path / "reference"))
+
+
+def test_torn_metric_line_and_another_world_size(compose_cfg, tmp_path, monkeypatch):
+    sigterm_at_step(monkeypatch, 3, micro_per_step=2)
+    with pytest.raises(Interrupted):
+        train(compose_cfg("epochs=0.2", "micro_batch=16", "log_every=1"), tmp_path)
+    monkeypatch.undo()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 1.2')  # a kill in the middle of a line
+    state = json.loads(next((tmp_path / "checkpoints").glob("step_*/trainer_state.json")).read_text())
+    assert state["world_size"] == 1
+    train(compose_cfg("epochs=0.2", "micro_batch=16", "log_every=1", "resume=auto"), tmp_path)
+    steps = [m["step"] for m in records(tmp_path) if "loss" in m]
+    assert steps == list(range(1, len(steps) + 1))
+    checkpoint = checkpoint_dirs(tmp_path)[-1]
+    state_file = checkpoint / "trainer_state.json"
+    state_file.write_text(state_file.read_text().replace('"world_size": 1', '"world_size": 2'))
+    with pytest.raises(ConfigError, match="written by 2 process"):
+        train(compose_cfg("epochs=0.2", "micro_batch=16", "log_every=1", "resume=auto"), tmp_path)

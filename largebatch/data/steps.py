@@ -62,6 +62,14 @@ def collate_micro(samples: list[dict], micro_batch: int) -> list[dict]:
     return [{k: v[part] for k, v in step.items()} for part in split_micro(len(samples), micro_batch)]
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A Ctrl-C or torchrun's SIGTERM reaches the workers too; the trainer stops cleanly after its step."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def index_steps(dataset: Dataset, plan, *, rank: int, world_size: int, seed: int, num_workers: int = 0,
                 first_epoch: int = 0, start_step: int = 0) -> Iterator[list[dict]]:
     """Yield the micro-batches of one step after another from step ``start_step`` of the stage, forever,
@@ -72,7 +80,8 @@ def index_steps(dataset: Dataset, plan, *, rank: int, world_size: int, seed: int
     so it leaves the global RNG (dropout's) as an uninterrupted run would."""
     sampler = StepSampler(len(dataset), plan.batch, rank=rank, world_size=world_size, seed=seed)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, generator=torch.Generator(),
-                        collate_fn=partial(collate_micro, micro_batch=plan.micro_batch))
+                        collate_fn=partial(collate_micro, micro_batch=plan.micro_batch),
+                        worker_init_fn=_leave_stop_signals_to_the_trainer)
     epoch, sampler.first_step = divmod(start_step, len(sampler))
     while True:
         sampler.set_epoch(first_epoch + epoch)

@@ -52,6 +52,8 @@ def lm_shape(model_cfg) -> LMShape:
     for key in ("layers", "hidden", "bptt"):
         if getattr(shape, key) < 1:
             raise ConfigError(f"model.{key} must be >= 1, got {getattr(shape, key)}")
+    if not shape.init_range > 0:
+        raise ConfigError(f"model.init_range must be > 0, got {shape.init_range}")
     if not 0 <= shape.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {shape.dropout}")
     return shape

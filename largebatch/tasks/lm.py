@@ -40,6 +40,11 @@ class LanguageModelTask(Task):
         from largebatch.models.lstm_lm import lm_shape
 
         self.shape = lm_shape(cfg.model)
+        if cfg.data.eval_streams < 1:
+            raise ConfigError(f"data.eval_streams={cfg.data.eval_streams} must be >= 1 (1 scores each split as one "
+                              "stream, as the TensorFlow tutorial)")
+        if cfg.data.max_tokens is not None and cfg.data.max_tokens < 2:
+            raise ConfigError(f"data.max_tokens={cfg.data.max_tokens} must be >= 2 (or null for the whole splits)")
         self._corpus: WordCorpus | None = None
         self.states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # micro-batch slot -> (h, c)
 
@@ -97,7 +102,10 @@ class LanguageModelTask(Task):
         return micro_batch["inputs"].shape[0]
 
     def forward(self, model, micro_batch, slot):
-        out = model(micro_batch["inputs"], micro_batch["targets"], self.states.get(slot))
+        state = self.states.get(slot)
+        if state is not None and state[0].device != micro_batch["inputs"].device:  # restored from a checkpoint
+            state = tuple(t.to(micro_batch["inputs"].device) for t in state)
+        out = model(micro_batch["inputs"], micro_batch["targets"], state)
         self.states[slot] = tuple(s.detach() for s in out.pop("state"))
         return out
 
