@@ -13,6 +13,9 @@ BIN = Path(sys.executable).parent
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from a second thread, and OpenMP threads that wait for a core another process
+# holds make a busy machine 10-30x slower; subprocesses (lb-train, torchrun) inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
