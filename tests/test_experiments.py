@@ -18,6 +18,11 @@ SHRINK = {  # beyond scale=tiny and a short run
                           "batch=32", "scaling.ref_batch=32", "precision=no", "stages.0.seq_len=32",
                           "stages.1.seq_len=64", "stages.0.micro_batch=16", "stages.1.micro_batch=16",
                           "schedule.warmup_epochs=0.001"],
+    "resnet20_fashion": ["batch=32", "micro_batch=32", "schedule.warmup_epochs=0.03", "eval_batch=64"],
+    # ResNet-50 (1000 classes, ImageNet stem) on the 1,000 tiny Fashion-MNIST images: one step or two.
+    **{name: ["data=fashion_mnist", "data.train_samples=null", "model.depth=50", "batch=32", "micro_batch=16",
+              "scaling.ref_batch=32", "precision=no", "schedule.warmup_epochs=0.03", "eval_batch=16"]
+       for name in ("resnet50_goyal", "resnet50_mlperf_lars", "resnet50_lamb")},
 }
 
 

@@ -145,6 +145,18 @@ class Reference:
     def _larc(self, n, x, g, wd, adapt):
         self._lars(n, x, g, wd, adapt, larc=True)
 
+    def _lars_mlperf(self, n, x, g, wd, adapt):
+        """MLPerf / TensorFlow: v = m*v + lr*ratio*(g + wd*x); x -= v (nesterov: x -= lr*ratio*u + m*v)."""
+        local = 1.0
+        if adapt:
+            xn, gn = float(x.norm()), float(g.norm())
+            den = gn + wd * xn
+            local = self.eta * xn / (den + self.eps) if xn > 0 and den > 0 else 1.0
+            self.last_ratios[n] = local
+        u = self.lr * local * (g + wd * x)
+        self.m[n] = self.mom * self.m[n] + u
+        x -= u + self.mom * self.m[n] if self.nesterov else self.m[n]
+
     def _lars_paper(self, n, x, g, wd, adapt):
         b1 = self.mom
         self.m[n] = b1 * self.m[n] + (1 - b1) * (g + wd * x)
@@ -250,6 +262,55 @@ def test_cpp_threaded_paths_match_foreach(cpp_ok):
                 assert float((a - b).detach().norm() / b.detach().norm()) <= 2e-6, name
     finally:
         torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lars_mlperf_puts_the_lr_inside_the_momentum(nesterov):
+    """Against the float64 reference while the lr changes (warmup then decay), where the two forms differ;
+    ``auto`` runs it on the foreach path (the C++ kernel lacks this form)."""
+    lrs = [0.02 * (i + 1) / 10 for i in range(10)] + [0.02 * (1 - i / 30) ** 2 for i in range(30)]
+    model, plain_model = make_model(), make_model()
+    ref = Reference(model.named_parameters(), algo="lars_mlperf", lr=lrs[0], wd=0.01, eps=1e-8, eta=0.02,
+                    nesterov=nesterov)
+    opt = create_optimizer(model, "lars_mlperf", lrs[0], weight_decay=0.01, trust_coefficient=0.02,
+                           nesterov=nesterov)
+    plain = create_optimizer(plain_model, "lars", lrs[0], weight_decay=0.01, trust_coefficient=0.02,
+                             nesterov=nesterov)
+    tok, y = make_data()
+    for lr in lrs:
+        ref.lr = lr
+        for o in (opt, plain):
+            for group in o.param_groups:
+                group["lr"] = lr
+        loss_grads(model, tok, y)
+        ref.step({n: p.grad for n, p in model.named_parameters()})
+        opt.step()
+        loss_grads(plain_model, tok, y)
+        plain.step()
+    assert opt.last_path == "foreach" and opt.implementation == "auto"
+    for n, p in model.named_parameters():
+        err = float((p.detach().double() - ref.p[n]).norm() / ref.p[n].norm())
+        assert err <= 1e-5, f"{n} rel err {err:.2e}"
+    stats = trust_ratio_stats(opt, per_layer=True)
+    for n, r in ref.last_ratios.items():
+        assert stats[f"trust_ratio/{n}"] == pytest.approx(r, rel=1e-4), n
+    moved = max(float((p - q).detach().norm() / q.detach().norm())
+                for p, q in zip(model.parameters(), plain_model.parameters()))
+    assert moved > 1e-3  # the lr inside the buffer is not the project's default form
+
+
+def test_lars_mlperf_equals_lars_at_a_constant_lr_and_refuses_the_kernel():
+    a, _, _ = run_pair("lars", "foreach", steps=20)
+    model = make_model()
+    opt = create_optimizer(model, "lars_mlperf", 0.01, weight_decay=0.01, trust_coefficient=0.02)
+    tok, y = make_data()
+    for _ in range(20):
+        loss_grads(model, tok, y)
+        opt.step()
+    for p, q in zip(model.parameters(), a.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="lr_in_momentum has no C..? kernel"):
+        create_optimizer(model, "lars_mlperf", 0.01, implementation="cpp").step()
 
 
 # ----------------------------------------------------------------------------- edge cases
@@ -380,7 +441,7 @@ def test_matches_torch_optimizer_lamb(impl):
 
 
 # ----------------------------------------------------------------------------- registry and factory
-DESCENT_LR = {"lars": 0.1, "larc": 0.05, "lars_paper": 0.02, "sgd": 0.01, "nesterov": 0.01, "adagrad": 0.05}
+DESCENT_LR = {"lars": 0.1, "lars_mlperf": 0.1, "larc": 0.05, "lars_paper": 0.02, "sgd": 0.01, "nesterov": 0.01, "adagrad": 0.05}
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

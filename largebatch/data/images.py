@@ -17,6 +17,11 @@ Three sources, chosen by ``name`` (see :func:`load_image_data`):
                    format.
 
 Files are in LeCun's IDX format (:func:`read_idx`). Nothing is cached on disk.
+
+``imagefolder`` (:func:`load_image_folder`, not an in-memory source) lists, without reading them, the images
+of ImageNet's train/val layout: ``<folder>/train/<class>/*.JPEG`` and ``<folder>/val/<class>/*.JPEG``
+(classes are the sorted names of train's sub-folders; torchvision's ``ImageFolder`` rules and extensions).
+:func:`read_image` decodes one file to uint8 RGB, naming the file when it cannot.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ import torch
 from largebatch.data.sources import package_dir
 from largebatch.errors import ConfigError, DataNotFoundError
 
-__all__ = ["IMAGE_SOURCES", "IDX_FILES", "ImageSplits", "load_image_data", "read_idx"]
+__all__ = ["IMAGE_FOLDER_SOURCE", "IMAGE_SOURCES", "IDX_FILES", "ImageFolderSplits", "ImageSplits",
+           "load_image_data", "load_image_folder", "read_idx", "read_image"]
 
 IMAGE_SOURCES = ("mnist_5k", "fashion_mnist", "idx_folder")
+IMAGE_FOLDER_SOURCE = "imagefolder"  # read file by file (load_image_folder), not into memory
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -251,3 +258,85 @@ def load_image_data(name: str, folder: str | Path | None = None, max_train: int 
         splits["train_images"] = splits["train_images"][:max_train]
         splits["train_labels"] = splits["train_labels"][:max_train]
     return ImageSplits(num_classes=num_classes, source=source, **splits)
+
+
+# ---------------------------------------------------------------------------- imagefolder (ImageNet layout)
+
+
+@dataclass
+class ImageFolderSplits:
+    train_files: list[str]
+    train_labels: torch.Tensor  # int64 [N]
+    eval_files: list[str]
+    eval_labels: torch.Tensor
+    classes: list[str]  # class index -> folder name
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _list_split(split_dir: Path, class_to_idx: dict[str, int]) -> tuple[list[str], torch.Tensor]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    samples = make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    return [path for path, _ in samples], torch.tensor([label for _, label in samples], dtype=torch.int64)
+
+
+def load_image_folder(folder: str | Path | None, max_train: int | None = None) -> ImageFolderSplits:
+    """The files and labels of ``folder``'s ``train/<class>/`` and ``val/<class>/`` images (nothing is read).
+
+    ``max_train`` keeps a fixed random subset of N training images (seed 1234, independent of the training
+    seed), spread over the classes; the held-out set is never cut."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    layout = "train/<class>/<image> and val/<class>/<image> (ImageNet's layout)"
+    if folder is None:
+        raise ConfigError(f"data=imagefolder needs data.folder=<a folder holding {layout}>")
+    if max_train is not None and max_train < 1:
+        raise ConfigError(f"max_train={max_train} must be at least 1 (or None for the whole training set)")
+    folder = Path(folder).expanduser()
+    for split in ("train", "val"):
+        if not (folder / split).is_dir():
+            raise DataNotFoundError(f"{folder / split} does not exist: data.folder must hold {layout}")
+    classes = sorted(entry.name for entry in (folder / "train").iterdir() if entry.is_dir())
+    if not classes:
+        raise ConfigError(f"{folder / 'train'} has no class folders: it must hold one sub-folder of images "
+                          f"per class ({layout})")
+    unknown = sorted(e.name for e in (folder / "val").iterdir() if e.is_dir() and e.name not in classes)
+    if unknown:
+        raise ConfigError(f"{folder / 'val'}: class folder(s) {', '.join(unknown[:5])} have no training "
+                          f"folder in {folder / 'train'}")
+    class_to_idx = {name: i for i, name in enumerate(classes)}
+    train_files, train_labels = _list_split(folder / "train", class_to_idx)
+    eval_files, eval_labels = _list_split(folder / "val", class_to_idx)
+    for split, files in (("train", train_files), ("val", eval_files)):
+        if not files:
+            raise ConfigError(f"{folder / split} has class folders but no images in them (extensions: "
+                              f"{', '.join(IMG_EXTENSIONS)})")
+    if max_train is not None and max_train < len(train_files):
+        order = torch.randperm(len(train_files), generator=torch.Generator().manual_seed(SPLIT_SEED))
+        keep = order[:max_train].sort().values
+        train_files, train_labels = [train_files[i] for i in keep.tolist()], train_labels[keep]
+    return ImageFolderSplits(train_files, train_labels, eval_files, eval_labels, classes, str(folder))
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """One image file as uint8 RGB ``[3, H, W]``: torchvision's decoder, then PIL (e.g. for CMYK JPEGs);
+    a file neither can read is a ConfigError naming it."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as error:
+        reason = error
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+    except (OSError, ValueError, SyntaxError):
+        first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+        raise ConfigError(f"{path}: not a readable image ({first_line})") from None

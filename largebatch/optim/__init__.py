@@ -67,7 +67,8 @@ class OptimizerSpec:
 _BASE = dict(grad_clip_norm=None, implementation="auto", exclude_from_weight_decay=None)
 _ADAPT = dict(trust_clip=None, clamp_weight_norm=None, exclude_from_adaptation=None, **_BASE)
 _LAMB = dict(betas=(0.9, 0.999), eps=1e-6, bias_correction=True, **_ADAPT)
-_LARS = dict(mode="lars", momentum=0.9, nesterov=False, trust_coefficient=0.001, eps=1e-8, **_ADAPT)
+_LARS = dict(mode="lars", momentum=0.9, nesterov=False, trust_coefficient=0.001, eps=1e-8,
+             lr_in_momentum=False, **_ADAPT)
 _ADAM = dict(betas=(0.9, 0.999), eps=1e-8, **_BASE)
 _SGD = dict(momentum=0.9, nesterov=False, **_BASE)
 
@@ -90,6 +91,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
                               "wd*||x||), then momentum"),
     OptimizerSpec(name="larc", cls=Lars, base="lars", defaults=dict(_LARS, mode="larc", trust_clip=1.0),
                   description="LARC (apex LARC clip mode): LARS with each tensor's rate capped at lr"),
+    OptimizerSpec(name="lars_mlperf", cls=Lars, base="lars", defaults=dict(_LARS, lr_in_momentum=True),
+                  description="LARS as MLPerf's ResNet-50 / TensorFlow: lr inside the momentum, v = m*v + "
+                              "lr*ratio*(g + wd*x)"),
     OptimizerSpec(name="adamw", cls=torch.optim.AdamW, defaults=_ADAM,
                   description="AdamW (Loshchilov & Hutter 2019): Adam with decoupled weight decay"),
     OptimizerSpec(name="adam", cls=torch.optim.Adam, defaults=_ADAM,

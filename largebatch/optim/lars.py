@@ -12,6 +12,19 @@ a tensor's effective rate is min(local_lr, lr). ``trust_clip`` clips local_lr (l
 default upper bound 1). The LARS of the LAMB paper's Algorithm 1, which normalises the momentum instead,
 is :class:`largebatch.optim.lars_paper.LarsPaper` (registry entry ``lars_paper``).
 
+``lr_in_momentum=True`` (registry entry ``lars_mlperf``) is the form of MLPerf's ResNet-50 reference, from
+TensorFlow's LARS (mlcommons/training, image_classification/tensorflow/official/resnet/
+mlperf_lars_optimizer.py and tensorflow2/lars_optimizer.py: ``apply_momentum`` with lr 1 on
+``grad * scaled_lr``)::
+
+    buf = momentum*buf + lr*local_lr*(g + wd*x) ;  x = x - buf
+    (nesterov: x = x - lr*local_lr*(g + wd*x) - momentum*buf)
+
+which is the 2017 paper's too. It equals the default form while lr is constant and differs while the lr
+changes (warmup, decay): the buffer remembers each step at the lr of that step. The C++ kernel does not
+have it: a step with ``lr_in_momentum`` in any group runs the foreach path (``"auto"`` chooses it;
+``"cpp"`` is refused with a ValueError).
+
 The ratio is 1 when ||x|| or the denominator is 0, and tensors in a group with ``adapt=False`` (biases
 and norm weights by default) take ratio 1: that is exactly ``torch.optim.SGD(momentum, nesterov,
 weight_decay)``. Options left at None take the defaults of the registry entry ``lars``, their one home.
@@ -23,7 +36,8 @@ skeleton is :mod:`largebatch.optim._trust_ratio`.
 Deviations, all deliberate:
 
 - The 2017 paper puts the global lr inside the momentum (v = m*v + lr*local_lr*(g + wd*x); x -= v);
-  like apex, timm and torch's SGD the lr here multiplies the buffer. They agree while lr is constant.
+  by default, like apex, timm and torch's SGD, the lr here multiplies the buffer. They agree while lr is
+  constant; ``lr_in_momentum=True`` selects the paper's (and MLPerf's) form.
 - eps (default 1e-8, as apex/timm) sits in the denominator of local_lr; the paper has none.
 - timm sets the ratio to 1 when ||g|| = 0; here only when the whole denominator ||g|| + wd*||x|| is 0,
   so a tensor with zero gradient and nonzero decay decays at rate eta instead of at the full lr.
@@ -52,11 +66,23 @@ class Lars(TrustRatioOptimizer):
                  momentum: float | None = None, nesterov: bool | None = None,
                  trust_coefficient: float | None = None, eps: float | None = None, trust_clip=None,
                  clamp_weight_norm: float | None = None, grad_clip_norm: float | None = None,
-                 implementation: str | None = None):
+                 implementation: str | None = None, lr_in_momentum: bool | None = None):
         super().__init__(params, lr, weight_decay, mode=mode, momentum=momentum, nesterov=nesterov,
                          trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip,
                          clamp_weight_norm=clamp_weight_norm, grad_clip_norm=grad_clip_norm,
-                         implementation=implementation)
+                         implementation=implementation, lr_in_momentum=lr_in_momentum)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.implementation == "foreach" or not any(g.get("lr_in_momentum") for g in self.param_groups):
+            return super().step(closure)
+        if self.implementation == "cpp":
+            raise ValueError("lr_in_momentum has no C++ kernel: use implementation='foreach' or 'auto'")
+        requested, self.implementation = self.implementation, "foreach"  # the kernel lacks this form
+        try:
+            return super().step(closure)
+        finally:
+            self.implementation = requested
 
     def _check(self, options: dict) -> None:
         if options["mode"] not in MODES:
@@ -102,6 +128,9 @@ def _foreach_lars(group, xs, gs, bufs, scale) -> torch.Tensor | None:
     update = torch._foreach_add(gs, xs, alpha=wd)  # out of place: p.grad keeps the raw gradient
     if ratios is not None:
         torch._foreach_mul_(update, list(ratios.unbind(0)))
+    lr_inside = group.get("lr_in_momentum", False)  # absent from checkpoints saved before the option
+    if lr_inside:  # MLPerf / TensorFlow: the buffer accumulates lr-scaled steps
+        torch._foreach_mul_(update, lr)
     if bufs is not None:
         torch._foreach_mul_(bufs, mom)
         torch._foreach_add_(bufs, update)
@@ -109,5 +138,5 @@ def _foreach_lars(group, xs, gs, bufs, scale) -> torch.Tensor | None:
             torch._foreach_add_(update, bufs, alpha=mom)
         else:
             update = bufs
-    torch._foreach_add_(xs, update, alpha=-lr)
+    torch._foreach_add_(xs, update, alpha=-1.0 if lr_inside else -lr)
     return ratios

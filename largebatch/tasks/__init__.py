@@ -4,6 +4,7 @@ module here, a model, a data reader and config files, and no change to the train
     mlm       BERT masked-LM pretraining (LAMB)                        largebatch.tasks.mlm
     lm        stateful word-level LSTM language model (LEGW, PTB)      largebatch.tasks.lm
     classify  sequence classifier, e.g. an LSTM reading MNIST rows     largebatch.tasks.classify
+    vision    image classifier: ResNet-50 (ImageNet) or ResNet-20      largebatch.tasks.vision
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ TASKS = {
     "mlm": "largebatch.tasks.mlm:MaskedLMTask",
     "lm": "largebatch.tasks.lm:LanguageModelTask",
     "classify": "largebatch.tasks.classify:ClassificationTask",
+    "vision": "largebatch.tasks.vision:VisionTask",
 }
 
 __all__ = ["TASKS", "Metric", "Task", "build_task"]
