@@ -15,6 +15,7 @@ CASES = {
     "largebatch.models.lstm_lm": {"largebatch.data", "largebatch.tasks", *TRAINER},
     "largebatch.models.lstm_classifier": {"largebatch.data", "largebatch.tasks", *TRAINER},
     "largebatch.models.bert": {"largebatch.data", "largebatch.tasks", *TRAINER},
+    "largebatch.models.resnet": {"largebatch.data", "largebatch.tasks", *TRAINER},
     "largebatch.tasks": {"largebatch.train", "largebatch.cli"},
 }
 
