@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from largebatch.errors import ConfigError, LargebatchError
-from largebatch.fileio import atomic_write_json
+from largebatch.fileio import atomic_write_json, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +110,7 @@ def save_checkpoint(accelerator, task, state: TrainerState, run_dir: Path, keep:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / "trainer_state.json", asdict(state))
-        if final.exists():  # the same step saved again (a finished run resumed): keep one complete copy at all times
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)  # the same step may be saved again (a finished run resumed)
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -54,17 +54,23 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(complete: Path, path: Path) -> None:
+    """Move the folder ``complete`` to ``path``; an older ``path`` is set aside first and removed last, so
+    one complete copy exists at every moment."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(complete, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(complete, path)
 
 
 def _umask() -> int:

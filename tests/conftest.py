@@ -42,3 +42,14 @@ def compose_cfg(data_cache):
 def lb(cmd: str) -> str:
     """Path of an installed console script of this venv."""
     return str(BIN / cmd)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: threads only add OpenMP start-up cost, which explodes on a shared, busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,13 +15,7 @@ from conftest import REPO
 from largebatch.config import OPTIMIZER_KEYS_NOT_OPTIONS, OptimizerConfig, optimizer_options
 from largebatch.optim import OPTIMIZERS, create_optimizer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: OpenMP start-up only costs on a busy machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 CONF = REPO / "conf" / "optimizer"

@@ -10,13 +10,7 @@ import torch
 
 from largebatch.optim import baselines, create_optimizer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # registry entry, torch class, lr, options: each converges on the problem below with foreach
