@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from largebatch.data.steps import sample_seed
 from largebatch.labels import IGNORE_INDEX
 
 
@@ -22,10 +23,6 @@ def pack_sequences(token_ids: list[list[int]], seq_len: int, cls_id: int, sep_id
     cls = torch.full((rows, 1), cls_id, dtype=torch.int32)
     sep = torch.full((rows, 1), sep_id, dtype=torch.int32)
     return torch.cat([cls, chunks, sep], dim=1)
-
-
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % (2**63 - 1)
 
 
 class MaskedLMDataset(Dataset):
@@ -50,7 +47,7 @@ class MaskedLMDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         ids = self.sequences[index].long()
-        g = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, index))
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
         u = torch.rand((3, ids.numel()), generator=g)
         chosen = (u[0] < self.mlm_probability) & ~torch.isin(ids, self.special_ids)
         labels = torch.where(chosen, ids, IGNORE_INDEX)

@@ -23,6 +23,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 STAGE_EPOCH_STRIDE = 1000
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's randomness in one epoch (MLM masks, image augmentation): a function of
+    (seed, epoch, index) alone, so every batch size, split and resumed run draws the same."""
+    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % (2**63 - 1)
+
+
 def rank_share(batch: int, world_size: int, rank: int) -> slice:
     """Positions of a global batch that belong to ``rank``."""
     per_rank = batch // world_size

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from largebatch.data.images import IMAGE_FOLDER_SOURCE, load_image_data, load_image_folder, read_image
-from largebatch.data.steps import STAGE_EPOCH_STRIDE, index_steps
+from largebatch.data.steps import STAGE_EPOCH_STRIDE, index_steps, sample_seed
 from largebatch.errors import ConfigError
 from largebatch.tasks.base import Metric, Task
 
@@ -45,11 +45,6 @@ CHANNEL_STATS = {
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's, as torchvision's recipes
 }
 FLIPPED = ("fashion_mnist", "imagefolder")  # digits are not flipped
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one sample's augmentation in one epoch (the MLM masks' formula)."""
-    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % (2**63 - 1)
 
 
 class SmallImages(Dataset):
