@@ -75,6 +75,29 @@ class ResnetConfig:
 
 
 @dataclass
+class Seq2seqConfig:
+    """GNMT-style LSTM encoder-decoder with attention (largebatch/models/seq2seq.py)."""
+
+    name: str = "seq2seq"
+    task: str = "translate"
+    hidden: int = 256  # LSTM width (the bidirectional first layer: each direction)
+    embed: int | None = None  # embedding width; null: hidden
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    attention: str = "normed_bahdanau"  # normed_bahdanau | bahdanau | luong | scaled_luong
+    residual_from: int = 3  # 1-based layer from which layers add their input (GNMT: the third)
+    dropout: float = 0.2
+    init_range: float = 0.1  # every weight uniform(-r, r) (tensorflow/nmt init_weight)
+    tie_embeddings: bool = False  # decoder input embedding = output projection
+    pass_hidden_state: bool = True  # the decoder starts from the encoder's final states
+    label_smoothing: float = 0.0
+    normalise_by: str = "sentences"  # sentences (tensorflow/nmt, GNMT) | tokens: the loss's global count
+    beam_size: int = 10  # final test decoding (1: greedy); evaluations during training are greedy
+    length_penalty: float = 1.0  # GNMT's alpha in ((5 + |Y|) / 6) ** alpha
+    decode_ratio: float = 2.0  # longest output = decode_ratio x the batch's longest source
+
+
+@dataclass
 class TextDataConfig:
     name: str = MISSING  # bundled | text_files | hub
     sources: list[str] = field(default_factory=list)  # bundled corpora: wiki, shakespeare, bible
@@ -108,6 +131,30 @@ class ImageDataConfig:
     max_train: int | None = None  # keep the first N training images (tests, smoke runs)
     num_workers: int = 0
     train_samples: int | None = None  # declared training-set size, for lb-plan without the data
+
+
+@dataclass
+class TranslationDataConfig:
+    name: str = MISSING  # verses | parallel_files | wmt16
+    source: str = MISSING  # sword | text_files | hub (largebatch/data/parallel.py)
+    src_lang: str = "en"
+    tgt_lang: str = "es"
+    folder: str | None = None  # text_files: the folder of {prefix}.{lang} files
+    splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "valid": "valid", "test": "test"})
+    hub_dataset: str | None = None  # hub: a datasets id (wmt16) or a builder (json) with hub_data_files
+    hub_config: str | None = None  # hub: e.g. de-en
+    hub_data_files: dict[str, str] | None = None  # hub: {split name: file} of local files in the hub's format
+    split_seed: int = 1234  # sword: which chapters are held out (independent of the training seed)
+    valid_fraction: float = 0.03  # sword: share of chapters held out for valid
+    test_fraction: float = 0.03  # sword: ... and for test
+    vocab_size: int = 8000  # joint BPE vocabulary, trained on the training pairs
+    max_len: int = 80  # training pairs with a side longer than this (BPE tokens) are dropped
+    max_train: int | None = None  # keep the first N training pairs (tests, smoke runs)
+    max_eval: int | None = None  # keep the first N valid and test pairs (tests, smoke runs)
+    bucket: bool = True  # sort a rank's share of each step by length before cutting micro-batches
+    cache_dir: str = ".cache/largebatch"
+    num_workers: int = 0
+    train_samples: int | None = None  # declared training-set size (pairs), for lb-plan without the data
 
 
 @dataclass
@@ -216,6 +263,7 @@ class TrainConfig:
     overwrite: bool = False  # replace the run already in hydra.run.dir
     progress: bool = True
     per_layer_trust_ratios: bool = False
+    sharding: str = "none"  # none (one process or DDP) | fsdp2 (torch's fully_shard; largebatch/distributed.py)
 
 
 def register_configs() -> None:
@@ -226,9 +274,11 @@ def register_configs() -> None:
         ("model", "lstm_lm_schema", LstmLMConfig),
         ("model", "lstm_classifier_schema", LstmClassifierConfig),
         ("model", "resnet_schema", ResnetConfig),
+        ("model", "seq2seq_schema", Seq2seqConfig),
         ("data", "text_schema", TextDataConfig),
         ("data", "word_corpus_schema", WordCorpusConfig),
         ("data", "image_schema", ImageDataConfig),
+        ("data", "translation_schema", TranslationDataConfig),
     ]:
         cs.store(group=group, name=name, node=node)
     for group, node in [
@@ -256,7 +306,8 @@ def optimizer_options(opt_cfg) -> dict:
     return {k: v for k, v in options.items() if k not in OPTIMIZER_KEYS_NOT_OPTIONS and v is not None}
 
 
-CHOICES = {"on_nonfinite": ("stop", "skip"), "precision": ("no", "bf16", "fp16"), "device": ("auto", "cpu", "cuda")}
+CHOICES = {"on_nonfinite": ("stop", "skip"), "precision": ("no", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
+           "sharding": ("none", "fsdp2")}
 
 
 def validate(cfg) -> None:

@@ -3,11 +3,12 @@
 The task (``largebatch.tasks``) builds the data and model and cuts each step into micro-batches; the
 plan fixes every stage's steps, lr and accumulation; the loop steps, evaluates, logs and checkpoints,
 and knows nothing of what it trains. Accelerate runs it on one CPU, on
-several CPU processes (gloo), on GPUs (DDP/FSDP through `accelerate config`) or on TPU.
+several CPU processes (gloo), on GPUs (DDP, or FSDP2 with ``sharding=fsdp2``: ``largebatch.distributed``)
+or on TPU.
 
 Exact large batches: the loss of each micro-batch is its SUM over targets divided by the GLOBAL count
 that normalises the task's loss (masked tokens, streams, samples; all micro-batches, all ranks), times
-the world size because DDP averages gradients over ranks. Any split of a batch over micro-batches and
+the world size because DDP (and FSDP2's reduce-scatter) averages gradients over ranks. Any split of a batch over micro-batches and
 ranks then gives the same gradient. The logged loss is the per-target mean (its exp is perplexity).
 """
 
@@ -27,6 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from largebatch.checkpoint import (
@@ -40,6 +42,7 @@ from largebatch.checkpoint import (
     save_checkpoint,
 )
 from largebatch.config import optimizer_options
+from largebatch.distributed import adopt_cluster_environment, check_launch, data_parallel
 from largebatch.errors import ConfigError, NonFiniteError
 from largebatch.fileio import atomic_dir
 from largebatch.optim import create_optimizer, trust_ratio_stats
@@ -50,6 +53,8 @@ from largebatch.tracking import RunRecorder
 log = logging.getLogger(__name__)
 
 def make_accelerator(cfg) -> Accelerator:
+    adopt_cluster_environment()
+    check_launch(cfg)
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.precision)
     expected = int(os.environ.get("WORLD_SIZE", "1"))
@@ -64,8 +69,11 @@ def make_accelerator(cfg) -> Accelerator:
 
 
 def global_norm(tensors) -> torch.Tensor:
+    """The 2-norm of all the tensors together, as a plain tensor equal on every rank. A sharded tensor's
+    (DTensor's) norm is reduced over its shards: the norm of the whole tensor."""
     tensors = [t for t in tensors if t is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
+    return total.full_tensor() if isinstance(total, DTensor) else total
 
 
 RUN_RECORDS = ("status.json", "config.yaml", "plan.json", "env.json", "metrics.jsonl", "summary.json",
@@ -162,23 +170,25 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
                  cfg.scaling.ref_lr, format_plan(plans))
 
     # ---------------------------------------------------------------- model and optimizer
-    model = task.build_model()
-    optimizer = create_optimizer(model, cfg.optimizer.name, lr=plans[0].lr, weight_decay=cfg.optimizer.weight_decay,
-                                 **optimizer_options(cfg.optimizer))
+    parallel = data_parallel(cfg, accelerator)
+    model = parallel.shard(task.build_model())  # FSDP2: the optimizer must see the sharded parameters
+    core_optimizer = create_optimizer(model, cfg.optimizer.name, lr=plans[0].lr,
+                                      weight_decay=cfg.optimizer.weight_decay, **optimizer_options(cfg.optimizer))
     if cfg.compile:
         model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = parallel.prepare(model, core_optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
-    log.info("model: %s, %.2fM trainable parameters", cfg.model.name, sum(p.numel() for p in params) / 1e6)
+    log.info("model: %s, %.2fM trainable parameters, sharding %s", cfg.model.name,
+             sum(p.numel() for p in params) / 1e6, cfg.sharding)
     if checkpoint is not None:
-        vars(state).update(vars(load_checkpoint(accelerator, task, checkpoint)))
+        vars(state).update(vars(load_checkpoint(accelerator, task, checkpoint, parallel)))
         log.info("resumed from %s: stage %d, step %d, %d samples seen", checkpoint, state.stage_index, state.step,
                  state.samples)
     earlier_sessions_s = state.elapsed_s
 
     def save() -> Path:
         state.elapsed_s = earlier_sessions_s + time.perf_counter() - session_start
-        return save_checkpoint(accelerator, task, state, run_dir, keep=cfg.keep_checkpoints)
+        return save_checkpoint(accelerator, task, state, run_dir, keep=cfg.keep_checkpoints, parallel=parallel)
 
     # ---------------------------------------------------------------- training
     total_steps = sum(p.total_steps for p in plans)
@@ -205,7 +215,7 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
             totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, targets: the logged mean
             for slot, mb in enumerate(micro_batches):
                 last = slot == len(micro_batches) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
+                with contextlib.nullcontext() if last else parallel.no_sync(model), accelerator.autocast():
                     out = task.forward(model, mb, slot)
                     loss = out["loss_sum"] * (world / global_count)
                 accelerator.backward(loss)
@@ -267,7 +277,7 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
                     metrics["tokens_per_s"] = window["samples"] * tokens_per_sample / elapsed
                 if before is not None:
                     metrics["update_norm"] = global_norm([p.detach() - b for p, b in zip(params, before)]).item()
-                metrics.update(trust_ratio_stats(optimizer.optimizer, per_layer=cfg.per_layer_trust_ratios))
+                metrics.update(trust_ratio_stats(core_optimizer, per_layer=cfg.per_layer_trust_ratios))
                 recorder.log(metrics)
                 bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.3f}", lr=f"{lr:.2e}")
                 window.update(loss=0.0, loss_steps=0, steps=0, samples=0)
@@ -276,7 +286,8 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
             end_of_stage = state.stage_step == plan.total_steps
             if _crossed(state.samples, plan.batch, eval_every) or end_of_stage:
                 eval_started = time.perf_counter()
-                state.last_eval = task.evaluate(model, accelerator, plan)
+                with parallel.evaluation(model):
+                    state.last_eval = task.evaluate(model, accelerator, plan)
                 recorder.log({"step": state.step, "stage": plan.name, "samples": state.samples, **state.last_eval})
                 window_started += time.perf_counter() - eval_started  # throughput excludes evaluation
             if end_of_stage:
@@ -292,18 +303,22 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
                 break
     bar.close()
     wall = earlier_sessions_s + time.perf_counter() - session_start
+    final_eval = task.final_evaluate(model, accelerator, plans[-1], run_dir)  # not part of the training time
+    if final_eval:
+        recorder.log({"step": state.step, "stage": plans[-1].name, "samples": state.samples, **final_eval})
 
     # ---------------------------------------------------------------- records and checkpoint
     summary = {"steps": state.step, "samples": state.samples, "skipped_steps": state.skipped, "wall_time_s": wall,
                "samples_per_s": state.samples / wall, "world_size": world, "optimizer": cfg.optimizer.name,
                "batch": plans[-1].batch, "final_loss": state.last_loss, "primary_metric": task.primary.name,
-               **(state.last_eval or {})}
+               **(state.last_eval or {}), **final_eval}
     recorder.summary(summary)  # before the checkpoint: a full disk there must not lose a finished run
     if cfg.save_checkpoint:
         save()
+        exported = parallel.exportable(model, task)  # every rank: FSDP2 gathers the shards
         if accelerator.is_main_process:
             with atomic_dir(run_dir / "model") as folder:
-                task.save_model(accelerator.unwrap_model(model), folder)
+                task.save_model(exported, folder)
     if accelerator.is_main_process:
         log.info("done in %.1f s: %s", wall, {k: (round(v, 4) if isinstance(v, float) else v)
                                                 for k, v in summary.items()})

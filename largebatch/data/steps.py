@@ -13,7 +13,7 @@ steps. Step ``s`` takes ``perm[s*batch:(s+1)*batch]``; the tail that does not fi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
@@ -77,16 +77,18 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
 
 
 def index_steps(dataset: Dataset, plan, *, rank: int, world_size: int, seed: int, num_workers: int = 0,
-                first_epoch: int = 0, start_step: int = 0) -> Iterator[list[dict]]:
+                first_epoch: int = 0, start_step: int = 0, collate: Callable = collate_micro
+                ) -> Iterator[list[dict]]:
     """Yield the micro-batches of one step after another from step ``start_step`` of the stage, forever,
-    epoch after epoch.
+    epoch after epoch. ``collate(samples, micro_batch)`` cuts one step's samples of this rank into
+    micro-batches (variable-length samples bring their own, which pads).
 
     A dataset with ``set_epoch`` (masks drawn per epoch) is told the epoch before it is read; the
     DataLoader's workers are started per epoch, so they see it too. The loader has its own generator,
     so it leaves the global RNG (dropout's) as an uninterrupted run would."""
     sampler = StepSampler(len(dataset), plan.batch, rank=rank, world_size=world_size, seed=seed)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, generator=torch.Generator(),
-                        collate_fn=partial(collate_micro, micro_batch=plan.micro_batch),
+                        collate_fn=partial(collate, micro_batch=plan.micro_batch),
                         worker_init_fn=_leave_stop_signals_to_the_trainer)
     epoch, sampler.first_step = divmod(start_step, len(sampler))
     while True:

@@ -5,6 +5,7 @@ module here, a model, a data reader and config files, and no change to the train
     lm        stateful word-level LSTM language model (LEGW, PTB)      largebatch.tasks.lm
     classify  sequence classifier, e.g. an LSTM reading MNIST rows     largebatch.tasks.classify
     vision    image classifier: ResNet-50 (ImageNet) or ResNet-20      largebatch.tasks.vision
+    translate GNMT-style seq2seq translation with BLEU (LEGW)          largebatch.tasks.seq2seq
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ TASKS = {
     "lm": "largebatch.tasks.lm:LanguageModelTask",
     "classify": "largebatch.tasks.classify:ClassificationTask",
     "vision": "largebatch.tasks.vision:VisionTask",
+    "translate": "largebatch.tasks.seq2seq:TranslationTask",
 }
 
 __all__ = ["TASKS", "Metric", "Task", "build_task"]

@@ -81,6 +81,11 @@ class Task:
     def evaluate(self, model: nn.Module, accelerator, plan) -> dict:
         raise NotImplementedError
 
+    def final_evaluate(self, model: nn.Module, accelerator, plan, run_dir: Path) -> dict:
+        """Held-out numbers computed once, after training (e.g. beam-search BLEU on the test split); the
+        task may write files of its own into ``run_dir`` (main process). Nothing by default."""
+        return {}
+
     def state_dict(self) -> dict:
         """State carried between steps (saved with checkpoints)."""
         return {}
