@@ -19,6 +19,9 @@ SHRINK = {  # beyond scale=tiny and a short run
                           "stages.1.seq_len=64", "stages.0.micro_batch=16", "stages.1.micro_batch=16",
                           "schedule.warmup_epochs=0.001"],
     "resnet20_fashion": ["batch=32", "micro_batch=32", "schedule.warmup_epochs=0.03", "eval_batch=64"],
+    # GNMT-4 (WMT16 from the hub) on 256 verse pairs, at a width of 16
+    "gnmt4": ["data=verses", "data.train_samples=null", "model.hidden=16", "batch=16", "micro_batch=16",
+              "scaling.ref_batch=16", "eval_batch=16", "model.beam_size=2"],
     # ResNet-50 (1000 classes, ImageNet stem) on the 1,000 tiny Fashion-MNIST images: one step or two.
     **{name: ["data=fashion_mnist", "data.train_samples=null", "model.depth=50", "batch=32", "micro_batch=16",
               "scaling.ref_batch=32", "precision=no", "schedule.warmup_epochs=0.03", "eval_batch=16"]

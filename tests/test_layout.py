@@ -16,6 +16,8 @@ CASES = {
     "largebatch.models.lstm_classifier": {"largebatch.data", "largebatch.tasks", *TRAINER},
     "largebatch.models.bert": {"largebatch.data", "largebatch.tasks", *TRAINER},
     "largebatch.models.resnet": {"largebatch.data", "largebatch.tasks", *TRAINER},
+    "largebatch.models.seq2seq": {"largebatch.data", "largebatch.tasks", *TRAINER},
+    "largebatch.data.parallel": {"largebatch.models", "largebatch.tasks", *TRAINER},
     "largebatch.tasks": {"largebatch.train", "largebatch.cli"},
 }
 

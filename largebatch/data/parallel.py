@@ -54,6 +54,7 @@ class ParallelSplits:
     test: list[Pair]
     description: str
     input_files: list[Path]
+    keys: dict[str, list] | None = None  # sword: the (book, chapter, verse) of every pair, per split
 
 
 # ---------------------------------------------------------------------- sources
@@ -75,12 +76,14 @@ def verse_splits(src_lang: str, tgt_lang: str, *, seed: int, valid_fraction: flo
     n_test = max(1, round(test_fraction * len(chapters)))
     valid, test = set(held_out[:n_valid]), set(held_out[n_valid:n_valid + n_test])
     splits: dict[str, list[Pair]] = {"train": [], "valid": [], "test": []}
+    split_keys: dict[str, list] = {"train": [], "valid": [], "test": []}
     for key in keys:
         chapter = key[:2]
         name = "valid" if chapter in valid else "test" if chapter in test else "train"
         splits[name].append((source[key], target[key]))
+        split_keys[name].append(key)
     files = [path for lang in (src_lang, tgt_lang) for path in sorted(module_dir(VERSE_MODULES[lang]).glob("*"))]
-    return ParallelSplits(**splits, input_files=files,
+    return ParallelSplits(**splits, input_files=files, keys=split_keys,
                           description=f"verses {VERSE_MODULES[src_lang]} -> {VERSE_MODULES[tgt_lang]}, "
                                       f"{n_valid} + {n_test} held-out chapters of {len(chapters)} (seed {seed})")
 

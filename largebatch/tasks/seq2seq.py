@@ -141,7 +141,8 @@ class TranslationTask(Task):
         from largebatch.models.seq2seq import GNMT, Seq2seqShape
 
         m = self.cfg.model
-        vocab = self.data.tokenizer.get_vocab_size()
+        # the trained vocabulary where the data is loaded; its configured size for a plan (lb-plan)
+        vocab = self._data.tokenizer.get_vocab_size() if self._data else self.cfg.data.vocab_size
         try:
             return GNMT(Seq2seqShape(vocab_size=vocab, hidden=m.hidden, embed=m.embed or m.hidden,
                                      encoder_layers=m.encoder_layers, decoder_layers=m.decoder_layers,
