@@ -211,6 +211,29 @@ def test_lb_train_seq2seq_reports_bleu_and_writes_translations(compose_cfg, tmp_
     assert sources[0] in (tmp_path / "examples.md").read_text()
 
 
+def test_two_processes_match_one(tmp_path, data_cache):
+    """Loss, greedy BLEU on valid and beam BLEU on test (decoded by two ranks, gathered) as one process."""
+    import os
+
+    from conftest import REPO
+
+    base = ["model=seq2seq", "data=verses", "scale=tiny", "model.dropout=0", "micro_batch=4", "epochs=0.5",
+            "progress=false", "save_checkpoint=false", f"data.cache_dir={data_cache}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([lb("lb-train"), *base, f"hydra.run.dir={tmp_path / 'one'}"], check=True, env=env, cwd=REPO,
+                   capture_output=True, timeout=300)
+    proc = subprocess.run([lb("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "largebatch.cli", *base,
+                           f"hydra.run.dir={tmp_path / 'two'}"], env={**env, "ACCELERATE_USE_CPU": "true"}, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
+    assert two["world_size"] == 2
+    for key in ("final_loss", "eval/loss", "test/loss", "eval/bleu", "test/bleu", "test/chrf"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    assert (tmp_path / "two" / "translations" / "test.hyp").read_text() == \
+        (tmp_path / "one" / "translations" / "test.hyp").read_text()
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.beam_size=0", "model.beam_size=0 must be >= 1"),
     ("data.tgt_lang=fr", "data=verses has no 'fr' text"),

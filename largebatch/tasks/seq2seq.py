@@ -187,16 +187,25 @@ class TranslationTask(Task):
             atomic_write_text(Path(run_dir) / "examples.md", "\n".join(lines))
         return result
 
+    def _eval_batches(self, dataset: PairDataset, limit: int | None, accelerator) -> list[list[int]]:
+        """This rank's batches of the first ``limit`` pairs. The pairs are sorted by source length (less
+        padding) and cut into batches of ``eval_batch`` the same way for every world size; rank r takes
+        batches r, r + world, ... So a batch, and the longest output it allows (``decode_ratio`` x its
+        longest source), do not depend on the number of ranks."""
+        n = len(dataset) if limit is None else min(limit, len(dataset))
+        order = sorted(range(n), key=lambda i: len(dataset.src[i]))
+        batches = [order[i:i + self.cfg.eval_batch] for i in range(0, n, self.cfg.eval_batch)]
+        return batches[accelerator.process_index::accelerator.num_processes]
+
     @torch.no_grad()
     def _loss(self, model, accelerator, dataset: PairDataset, prefix: str, limit: int | None) -> dict:
         """Per-token cross-entropy (no label smoothing) of the first ``limit`` pairs, sharded over ranks."""
-        n = len(dataset) if limit is None else min(limit, len(dataset))
         model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-        for batch in _batches(dataset, range(accelerator.process_index, n, accelerator.num_processes),
-                              self.cfg.eval_batch):
+        for indices in self._eval_batches(dataset, limit, accelerator):
+            batch = pad_pairs([dataset[i] for i in indices])
             with accelerator.autocast():
-                out = model(**{k: v.to(accelerator.device) for k, v in pad_pairs(batch).items()})
+                out = model(**{k: v.to(accelerator.device) for k, v in batch.items()})
             totals += torch.tensor([out["loss_sum"].item(), out["count"]], dtype=torch.float64, device=totals.device)
         model.train()
         loss_sum, count = accelerator.reduce(totals, reduction="sum").tolist()
@@ -205,17 +214,13 @@ class TranslationTask(Task):
 
     @torch.no_grad()
     def _translate(self, model, accelerator, dataset: PairDataset, beam: int, limit: int | None) -> list[str]:
-        """Detokenised translations of the first ``limit`` sources, in order; ranks decode a share each.
-        Sources are decoded in batches of similar length (less padding), then put back in order."""
+        """Detokenised translations of the first ``limit`` sources, in order."""
         from accelerate.utils import gather_object
 
         net = accelerator.unwrap_model(model)
         net.eval()
-        n = len(dataset) if limit is None else min(limit, len(dataset))
-        mine = sorted(range(accelerator.process_index, n, accelerator.num_processes), key=lambda i: len(dataset.src[i]))
         out: list[tuple[int, str]] = []
-        for start in range(0, len(mine), self.cfg.eval_batch):
-            indices = mine[start:start + self.cfg.eval_batch]
+        for indices in self._eval_batches(dataset, limit, accelerator):
             batch = pad_pairs([dataset[i] for i in indices])
             src, lengths = batch["src"].to(accelerator.device), batch["src_lengths"].to(accelerator.device)
             max_len = max(1, round(self.cfg.model.decode_ratio * int(lengths.max())))
@@ -231,10 +236,6 @@ class TranslationTask(Task):
         return [text for _, text in sorted(out)]
 
 
-def _batches(dataset: PairDataset, indices, size: int):
-    indices = list(indices)
-    for start in range(0, len(indices), size):
-        yield [dataset[i] for i in indices[start:start + size]]
 
 
 def _scores(prefix: str, hyps: list[str], refs: list[str], decoder: str | None = None) -> dict:
