@@ -169,7 +169,7 @@ class GNMT(nn.Module):
 
     def forward(self, src, src_lengths, tgt_in, tgt_out) -> dict:
         """Teacher forcing. src [B, S] (PAD-padded), tgt_in [B, T] (BOS + target), tgt_out [B, T]
-        (target + EOS, IGNORE_INDEX-padded) -> {"loss_sum", "count" (target tokens), "correct"}."""
+        (target + EOS, IGNORE_INDEX-padded) -> {"loss_sum", "count" (target tokens)}."""
         memory, keys, mask, states = self.encode(src, src_lengths)
         states = self._zero_states(states, src.shape[0], memory)
         context = memory.new_zeros(src.shape[0], memory.shape[-1])
@@ -182,9 +182,7 @@ class GNMT(nn.Module):
         targets = tgt_out.reshape(-1)
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX,
                                    reduction="sum", label_smoothing=self.shape.label_smoothing if self.training else 0.0)
-        real = targets != IGNORE_INDEX
-        return {"loss_sum": loss_sum, "count": int(real.sum()),
-                "correct": (logits.reshape(-1, logits.shape[-1]).argmax(-1)[real] == targets[real]).sum()}
+        return {"loss_sum": loss_sum, "count": int((targets != IGNORE_INDEX).sum())}
 
     # ------------------------------------------------------------------ decoding
     def _log_probs(self, tokens, context, states, memory, keys, mask):
