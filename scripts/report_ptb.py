@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from largebatch.fileio import atomic_write_text  # noqa: E402
+from largebatch.report.runs import user_command  # noqa: E402
 
 REFERENCES = {  # size: (Zaremba valid, test), (TensorFlow tutorial valid, test)
     "small": ((120.7, 114.5), (121.4, 115.9)),
@@ -27,11 +28,6 @@ REFERENCES = {  # size: (Zaremba valid, test), (TensorFlow tutorial valid, test)
 }
 RECORDS = ("config.yaml", "env.json", "plan.json", "metrics.jsonl", "summary.json", "status.json")
 
-
-def command(line: str) -> str:
-    """The command as a user types it: the entry point's name, without the machine's run folder."""
-    program, *args = line.split()
-    return " ".join([Path(program).name, *(a for a in args if not a.startswith("hydra.run.dir="))])
 
 
 def main() -> None:
@@ -64,7 +60,7 @@ def main() -> None:
     text = "\n".join([
         f"# PTB word-level LSTM LM, Zaremba {size}, batch {cfg['batch']}: ours vs the references",
         "",
-        f"Command: `{command(env['command'])}`; git {env['git']['sha']}"
+        f"Command: `{user_command(env['command'])}`; git {env['git']['sha']}"
         f"{' (dirty)' if env['git']['dirty'] else ''}; torch {env['versions'].get('torch')}; "
         f"{env['hardware'].get('cpu')}, {env['hardware']['torch_threads']} torch thread(s); config in `config.yaml`.",
         "",

@@ -18,14 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from largebatch.fileio import atomic_write_text  # noqa: E402
+from largebatch.report.runs import user_command  # noqa: E402
 
 RECORDS = ("config.yaml", "env.json", "plan.json", "metrics.jsonl", "summary.json", "status.json", "examples.md")
 
-
-def command(line: str) -> str:
-    """The command as a user types it: the entry point's name, without the machine's run folder."""
-    program, *args = line.split()
-    return " ".join([Path(program).name, *(a for a in args if not a.startswith("hydra.run.dir="))])
 
 
 def main() -> None:
@@ -57,7 +53,7 @@ def main() -> None:
         f"{m['encoder_layers']}+{m['decoder_layers']} x {m['hidden']} GNMT-style LSTM, batch {cfg['batch']}",
         "",
         "```",
-        f"OMP_NUM_THREADS={hw['torch_threads']} {command(env['command'])}",
+        f"OMP_NUM_THREADS={hw['torch_threads']} {user_command(env['command'])}",
         "```",
         "",
         f"git {env['git']['sha'][:7]}{' (with uncommitted changes in the tree)' if env['git']['dirty'] else ''}; "

@@ -53,3 +53,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def train_on_one_and_two_processes(overrides: list[str], folder: Path) -> tuple[Path, Path]:
+    """`lb-train` with ``overrides`` in one process and under `torchrun` in two (gloo, one thread each):
+    the two run folders."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = folder / "one", folder / "two"
+    subprocess.run([lb("lb-train"), *overrides, f"hydra.run.dir={one}"], check=True, env=env, cwd=REPO,
+                   capture_output=True, timeout=300)
+    proc = subprocess.run([lb("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "largebatch.cli", *overrides,
+                           f"hydra.run.dir={two}"], env={**env, "ACCELERATE_USE_CPU": "true"}, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return one, two

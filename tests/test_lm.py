@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 
 import pytest
 import torch
 
-from conftest import REPO, lb
+from conftest import REPO, lb, train_on_one_and_two_processes
 from largebatch.cli import plan_rows
 from largebatch.config import compose
 from largebatch.data.ptb import batchify, load_word_corpus
@@ -94,14 +93,7 @@ def test_bptt_is_exact_under_accumulation(corpus_dir, tmp_path):
 def test_two_processes_match_one(corpus_dir, tmp_path, data_cache):
     base = ["scale=tiny", *LM, f"data.folder={corpus_dir}", "data.max_tokens=null", *SGD, "micro_batch=2",
             "epochs=0.5", "progress=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([lb("lb-train"), *base, f"hydra.run.dir={tmp_path / 'one'}"], check=True, env=env, cwd=REPO,
-                   capture_output=True, timeout=300)
-    proc = subprocess.run([lb("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "largebatch.cli", *base,
-                           f"hydra.run.dir={tmp_path / 'two'}"], env={**env, "ACCELERATE_USE_CPU": "true"}, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    one, two = (metrics(folder) for folder in train_on_one_and_two_processes(base, tmp_path))
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
     assert [m["loss"] for m in two if "loss" in m] == pytest.approx([m["loss"] for m in one if "loss" in m], rel=1e-5)
     assert two[-1]["eval/ppl"] == pytest.approx(one[-1]["eval/ppl"], rel=1e-5)

@@ -11,7 +11,7 @@ import pytest
 import sacrebleu
 import torch
 
-from conftest import lb
+from conftest import lb, train_on_one_and_two_processes
 from largebatch.data import parallel
 from largebatch.data.parallel import (
     PairDataset,
@@ -213,25 +213,15 @@ def test_lb_train_seq2seq_reports_bleu_and_writes_translations(compose_cfg, tmp_
 
 def test_two_processes_match_one(tmp_path, data_cache):
     """Loss, greedy BLEU on valid and beam BLEU on test (decoded by two ranks, gathered) as one process."""
-    import os
-
-    from conftest import REPO
-
     base = ["model=seq2seq", "data=verses", "scale=tiny", "model.dropout=0", "micro_batch=4", "epochs=0.5",
             "progress=false", "save_checkpoint=false", f"data.cache_dir={data_cache}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([lb("lb-train"), *base, f"hydra.run.dir={tmp_path / 'one'}"], check=True, env=env, cwd=REPO,
-                   capture_output=True, timeout=300)
-    proc = subprocess.run([lb("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "largebatch.cli", *base,
-                           f"hydra.run.dir={tmp_path / 'two'}"], env={**env, "ACCELERATE_USE_CPU": "true"}, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
+    folders = train_on_one_and_two_processes(base, tmp_path)
+    one, two = (json.loads((folder / "summary.json").read_text()) for folder in folders)
     assert two["world_size"] == 2
     for key in ("final_loss", "eval/loss", "test/loss", "eval/bleu", "test/bleu", "test/chrf"):
         assert two[key] == pytest.approx(one[key], rel=1e-5), key
-    assert (tmp_path / "two" / "translations" / "test.hyp").read_text() == \
-        (tmp_path / "one" / "translations" / "test.hyp").read_text()
+    one_hyp, two_hyp = ((folder / "translations" / "test.hyp").read_text() for folder in folders)
+    assert one_hyp == two_hyp
 
 
 @pytest.mark.parametrize("override, message", [

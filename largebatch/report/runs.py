@@ -307,3 +307,10 @@ def display_path(path: Path) -> str:
         if (parent / ".git").exists():
             return str(path.relative_to(parent))
     return str(path)
+
+
+def user_command(line: str) -> str:
+    """A recorded command (env.json) as a user types it: the entry point's name, without the machine's run
+    folder."""
+    program, *args = line.split()
+    return " ".join([Path(program).name, *(a for a in args if not a.startswith("hydra.run.dir="))])
