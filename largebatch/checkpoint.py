@@ -1,8 +1,9 @@
 """Periodic checkpoints, exact resume, and a clean stop on SIGINT/SIGTERM.
 
 A checkpoint is a folder ``checkpoints/step_<N>/`` holding Accelerate's state (model, optimizer, every
-rank's RNG states), each rank's task state (a stateful LM's hidden states) and ``trainer_state.json``
-(stage, position in the stage, counters, the open log window). It is written under a temporary name
+rank's RNG states; under ``sharding=fsdp2`` the model and optimizer shards are in ``fsdp2/``, written by
+``torch.distributed.checkpoint``), each rank's task state (a stateful LM's hidden states) and
+``trainer_state.json`` (stage, position in the stage, counters, the open log window). It is written under a temporary name
 and renamed when every rank has finished: a folder under its final name is complete by construction.
 Data order and masks are functions of (seed, epoch, sample), so the position is all a resume needs.
 """
@@ -95,8 +96,10 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
-def save_checkpoint(accelerator, task, state: TrainerState, run_dir: Path, keep: int) -> Path:
-    """Every rank calls this; the folder appears under its final name only once it is complete."""
+def save_checkpoint(accelerator, parallel, task, state: TrainerState, run_dir: Path, keep: int) -> Path:
+    """Every rank calls this; the folder appears under its final name only once it is complete.
+    ``parallel`` (the run's ``largebatch.distributed`` strategy) saves what Accelerate does not hold:
+    FSDP2's model and optimizer shards."""
     final = Path(run_dir) / CHECKPOINTS / f"step_{state.step:08d}"
     tmp = final.with_name(f".{final.name}.tmp")
     state.world_size = accelerator.num_processes
@@ -106,6 +109,7 @@ def save_checkpoint(accelerator, task, state: TrainerState, run_dir: Path, keep:
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    parallel.save(tmp)
     torch.save(task.state_dict(), tmp / f"task_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -117,12 +121,13 @@ def save_checkpoint(accelerator, task, state: TrainerState, run_dir: Path, keep:
     return final
 
 
-def load_checkpoint(accelerator, task, checkpoint: Path) -> TrainerState:
+def load_checkpoint(accelerator, parallel, task, checkpoint: Path) -> TrainerState:
     state = TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text()))
     if state.world_size != accelerator.num_processes:
         raise ConfigError(f"{checkpoint} was written by {state.world_size} process(es) and this run has "
                           f"{accelerator.num_processes}; resume it with the world size it was saved with")
     accelerator.load_state(str(checkpoint))
+    parallel.load(checkpoint)
     task_state = checkpoint / f"task_state_{accelerator.process_index}.pt"
     if not task_state.is_file():
         raise ConfigError(f"{checkpoint} has no {task_state.name}: it was written by a run with another number "

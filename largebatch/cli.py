@@ -1,9 +1,10 @@
 """Command-line entry points.
 
     lb-train [overrides]          train (Hydra; `-m` sweeps, e.g. `lb-train -m batch=512,1024`)
-    lb-plan  [overrides] [--json] [--plot PNG] [--world-size N] [--optimizers]
-                                  print the derived quantities of a run without training; a comma
-                                  list (batch=512,1024,2048) prints one row per value
+    lb-plan  [overrides] [--json] [--plot PNG] [--world-size N] [--gpu-memory GiB] [--optimizers]
+                                  print the derived quantities of a run without training, and its
+                                  per-device memory; a comma list (batch=512,1024,2048) prints one
+                                  row per value
 Errors the user can fix are printed as one line and exit with status 2.
 """
 
@@ -74,6 +75,8 @@ def _train_task(cfg: DictConfig):
         if not (run_dir / "status.json").exists():  # failed before the run wrote anything
             atomic_write_json(run_dir / "status.json", {"status": "failed", "error": reason})
         _FAILED_JOBS.append((str(run_dir), reason))
+        if "SUBMITIT_EXECUTOR" in os.environ:  # a job of its own: fail it, so the launching lb-train exits 1
+            raise
         return None
     return summary.get(summary["primary_metric"])  # what a Hydra sweeper optimises
 
@@ -116,12 +119,67 @@ def _expand_sweeps(overrides: list[str]) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*choices)]
 
 
-def count_parameters(task) -> int:
+def meta_model(task):
     import torch
 
     with torch.device("meta"):  # shapes only: no memory, no init time, even for BERT-large
-        model = task.build_model()
-    return sum(p.numel() for p in model.parameters())
+        return task.build_model()
+
+
+def count_parameters(task) -> int:
+    return sum(p.numel() for p in meta_model(task).parameters())
+
+
+def memory_rows(rows, gpu_memory: float | None) -> list[dict]:
+    """Per stage of every row: the per-device memory estimate (largebatch.memory), in bytes, and whether
+    it fits ``gpu_memory`` GiB ("unknown" when it fits without activations the model has no formula for)."""
+    from largebatch import memory
+    from largebatch.config import optimizer_options
+    from largebatch.distributed import largest_unit
+
+    out, models = [], {}
+    for cfg, plans, task in rows:
+        key = str(cfg.model)
+        if key not in models:
+            model = meta_model(task)
+            models[key] = (sum(p.numel() for p in model.parameters()), largest_unit(model),
+                           memory.transformer_shape(model))
+        parameters, unit, shape = models[key]
+        states = memory.state_tensors_per_parameter(cfg.optimizer.name, **{
+            k: v for k, v in optimizer_options(cfg.optimizer).items() if k != "implementation"})
+        for p in plans:
+            activations = None
+            if shape is not None and p.seq_len:
+                activations = memory.transformer_activation_bytes(
+                    shape, p.seq_len, p.micro_batch, 4 if cfg.precision == "no" else 2,
+                    masked_fraction=cfg.data.get("mlm_probability"))
+            estimate = memory.estimate(parameters=parameters, largest_unit=unit, state_tensors=states,
+                                       world_size=p.world_size, sharded=cfg.sharding == "fsdp2",
+                                       accumulation=p.accumulation, activations=activations)
+            row = {"name": p.name, "batch": p.batch, "micro_batch": p.micro_batch, "world_size": p.world_size,
+                   "sharding": cfg.sharding, "precision": cfg.precision, **estimate.as_dict()}
+            if gpu_memory is not None:
+                fits = estimate.total <= gpu_memory * memory.GIB
+                row["fits"] = ("yes" if activations is not None else "unknown") if fits else "no"
+            out.append(row)
+    return out
+
+
+def format_memory(rows: list[dict], gpu_memory: float | None) -> str:
+    from largebatch.memory import GIB
+
+    sizes = ["parameters", "gradients", "optimizer_state", "gathered", "activations", "total"]
+    cols = ["name", "batch", "micro_batch", "world_size", "sharding", "precision", *sizes]
+    cols += ["fits"] if gpu_memory is not None else []
+    table = [[("?" if row[c] is None else f"{row[c] / GIB:.2f}") if c in sizes else str(row[c]) for c in cols]
+             for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(cols)]
+    where = f" against {gpu_memory:g} GiB" if gpu_memory is not None else ""
+    lines = [f"memory per device, GiB{where} (an estimate: largebatch/memory.py says what it counts; "
+             "? = no activation formula for this model)"]
+    lines.append("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in table]
+    return "\n".join(lines)
 
 
 def plan_rows(overrides: list[str], world_size: int) -> list[tuple[DictConfig, list, object]]:
@@ -145,6 +203,8 @@ def plan_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", metavar="PNG", help="write the lr schedules of all rows to this PNG")
     parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
                         help="number of processes the run will use (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--gpu-memory", type=float, metavar="GiB",
+                        help="memory of one device: the memory table says whether the run fits")
     parser.add_argument("--optimizers", action="store_true",
                         help="list every optimizer of the registry and what each variant changes, then exit")
     args = parser.parse_intermixed_args(argv)
@@ -155,6 +215,8 @@ def plan_main(argv: list[str] | None = None) -> None:
         return
     if args.world_size < 1:
         fail(f"--world-size must be at least 1, got {args.world_size}")
+    if args.gpu_memory is not None and args.gpu_memory <= 0:
+        fail(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory}")
     logging.basicConfig(level=logging.WARNING)
     try:
         rows = plan_rows(args.overrides, args.world_size)
@@ -164,11 +226,12 @@ def plan_main(argv: list[str] | None = None) -> None:
     from largebatch.plan import format_plan
 
     cfg0, _, task0 = rows[0]
+    memory = memory_rows(rows, args.gpu_memory)
     if args.json:
-        for cfg, plans, _ in rows:
-            for p in plans:
-                print(json.dumps({"optimizer": cfg.optimizer.name, "scaling": cfg.scaling.rule,
-                                  "schedule": cfg.schedule.name, **p.as_dict()}))
+        stages = [(cfg, p) for cfg, plans, _ in rows for p in plans]
+        for (cfg, p), mem in zip(stages, memory):
+            print(json.dumps({"optimizer": cfg.optimizer.name, "scaling": cfg.scaling.rule,
+                              "schedule": cfg.schedule.name, **p.as_dict(), "memory": mem}))
     else:
         described = task0.describe()
         header = {
@@ -178,6 +241,8 @@ def plan_main(argv: list[str] | None = None) -> None:
             "scaling": cfg0.scaling.rule, "schedule": cfg0.schedule.name, "world_size": args.world_size,
         }
         print(format_plan([p for _, plans, _ in rows for p in plans], header))
+        print()
+        print(format_memory(memory, args.gpu_memory))
     if args.plot:
         from largebatch.plan import lr_schedule
         from largebatch.sched.plot import plot_planned_lr

@@ -8,8 +8,8 @@ or on TPU.
 
 Exact large batches: the loss of each micro-batch is its SUM over targets divided by the GLOBAL count
 that normalises the task's loss (masked tokens, streams, samples; all micro-batches, all ranks), times
-the world size because DDP (and FSDP2's reduce-scatter) averages gradients over ranks. Any split of a batch over micro-batches and
-ranks then gives the same gradient. The logged loss is the per-target mean (its exp is perplexity).
+the world size because DDP (and FSDP2's reduce-scatter) averages gradients over ranks. Any split of a
+batch over micro-batches and ranks then gives the same gradient. The logged loss is the per-target mean (its exp is perplexity).
 """
 
 from __future__ import annotations
@@ -181,14 +181,14 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
     log.info("model: %s, %.2fM trainable parameters, sharding %s", cfg.model.name,
              sum(p.numel() for p in params) / 1e6, cfg.sharding)
     if checkpoint is not None:
-        vars(state).update(vars(load_checkpoint(accelerator, task, checkpoint, parallel)))
+        vars(state).update(vars(load_checkpoint(accelerator, parallel, task, checkpoint)))
         log.info("resumed from %s: stage %d, step %d, %d samples seen", checkpoint, state.stage_index, state.step,
                  state.samples)
     earlier_sessions_s = state.elapsed_s
 
     def save() -> Path:
         state.elapsed_s = earlier_sessions_s + time.perf_counter() - session_start
-        return save_checkpoint(accelerator, task, state, run_dir, keep=cfg.keep_checkpoints, parallel=parallel)
+        return save_checkpoint(accelerator, parallel, task, state, run_dir, keep=cfg.keep_checkpoints)
 
     # ---------------------------------------------------------------- training
     total_steps = sum(p.total_steps for p in plans)
@@ -303,7 +303,8 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
                 break
     bar.close()
     wall = earlier_sessions_s + time.perf_counter() - session_start
-    final_eval = task.final_evaluate(model, accelerator, plans[-1], run_dir)  # not part of the training time
+    with parallel.evaluation(model):  # not part of the training time
+        final_eval = task.final_evaluate(model, accelerator, plans[-1], run_dir)
     if final_eval:
         recorder.log({"step": state.step, "stage": plans[-1].name, "samples": state.samples, **final_eval})
 

@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from . import _cpp
 
@@ -44,13 +45,27 @@ def _warn_once(msg: str) -> None:
         log.warning(msg)
 
 
+def is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor (a parameter sharded by FSDP2's ``fully_shard``, or its gradient or state)."""
+    return isinstance(t, DTensor)
+
+
 def choose_path(requested: str, tensors: list[torch.Tensor]) -> str:
     """'cpp' when asked for (or 'auto') and every tensor is a contiguous fp32 CPU tensor, else 'foreach'.
 
-    'auto' falls back to foreach with one logged warning when the kernel cannot be built; an explicit
-    'cpp' raises instead, so a benchmark never silently measures the wrong path.
+    Sharded tensors (DTensors) always take foreach: a DTensor holds only this rank's shard, and the kernel
+    would read its unallocated global storage, whereas DTensor's foreach norms reduce over the shards,
+    so every trust ratio is that of the whole tensor. 'auto' falls back to foreach with one logged
+    warning when the kernel cannot be built; an explicit 'cpp' raises instead, so a benchmark never
+    silently measures the wrong path.
     """
     if requested == "foreach" or not tensors:
+        return "foreach"
+    if any(is_sharded(t) for t in tensors):
+        if requested == "cpp":
+            raise ValueError("implementation='cpp' cannot step sharded (FSDP2 / DTensor) parameters: the C++ kernel "
+                             "sees one shard, not the whole tensor its trust ratio needs; use implementation="
+                             "'auto' or 'foreach'")
         return "foreach"
     fits = all(
         t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and not t.is_sparse
@@ -95,5 +110,10 @@ def weight_norms(xs: list[torch.Tensor], clamp: float | None) -> torch.Tensor:
 
 
 def record_trust_ratios(opt: torch.optim.Optimizer, params: list[torch.Tensor], ratios: torch.Tensor | None):
-    """Keep the last step's ratios of ADAPTED tensors for :func:`largebatch.optim.trust_ratio_stats`."""
+    """Keep the last step's ratios of ADAPTED tensors for :func:`largebatch.optim.trust_ratio_stats`.
+
+    Ratios of sharded parameters are DTensors (of whole-tensor norms, equal on every rank): kept as the
+    plain tensor they stand for, here, where every rank takes part in the step."""
+    if ratios is not None and is_sharded(ratios):
+        ratios = ratios.full_tensor()
     opt._last_trust_ratios = (params, ratios)

@@ -13,6 +13,11 @@ Why "dense": with torch 2.14.1 the CPU fused kernels of all four update a parame
 (tests/test_optim_fused.py reproduces it for all four). Dense layouts other than the contiguous one (channels_last,
 a transpose) are fine. So ``auto`` picks foreach when any parameter is not dense (and logs it once), and
 ``fused`` refuses such parameters. The rule is applied on every device, CUDA included.
+
+Sharded parameters (DTensors, under FSDP2's ``fully_shard``): torch 2.14.1 has DTensor sharding rules for
+the fused Adam and AdamW kernels only; fused Adagrad and SGD fail at their first step
+(``aten._fused_sgd_.default does not have a sharding strategy``). So ``auto`` picks foreach for those two
+on sharded parameters, and ``fused`` refuses them.
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("auto", "fused", "foreach")
 TORCH_BASELINES = (torch.optim.AdamW, torch.optim.Adam, torch.optim.Adagrad, torch.optim.SGD)
+FUSED_ON_DTENSORS = (torch.optim.AdamW, torch.optim.Adam)  # the fused kernels DTensor can shard
 _logged_not_dense = False
 
 
@@ -67,8 +74,15 @@ def build(cls, params, *, lr, weight_decay, grad_clip_norm, implementation, **hy
         return cls([dict(p) if isinstance(p, dict) else p for p in params], **path, **kwargs)
 
     opt = None
+    named = _named_tensors(params)
+    sharded = any(isinstance(p, DTensor) for _, p in named)
+    if sharded and cls not in FUSED_ON_DTENSORS:
+        if implementation == "fused":
+            raise ValueError(f"implementation='fused': torch has no fused {cls.__name__} for sharded (FSDP2 / "
+                             "DTensor) parameters; use implementation='auto' or 'foreach'")
+        implementation = "foreach"
     if implementation != "foreach":
-        not_dense = [(n, p) for n, p in _named_tensors(params) if not is_dense(p)]
+        not_dense = [(n, p) for n, p in named if not is_dense(p)]
         if not_dense:
             shown = ", ".join(f"{n} (shape {tuple(p.shape)}, stride {p.stride()})" for n, p in not_dense[:3])
             if implementation == "fused":
