@@ -109,7 +109,7 @@ class TextDataConfig:
     eval_fraction: float = 0.05  # held-out share of DOCUMENTS
     max_documents: int | None = None  # keep only the first N documents (tests, smoke runs)
     cache_dir: str = ".cache/largebatch"
-    num_workers: int = 0
+    num_workers: Any = "auto"  # auto (CUDA: a few workers + pinned memory; CPU: 0) | N (largebatch/device.py)
     train_samples: int | None = None  # declared training-set size (sequences), for lb-plan without the data
     train_multiple_of: int | None = None  # truncate the training set to a multiple of this (batch ladders)
 
@@ -251,7 +251,7 @@ class TrainConfig:
     eval_max_batches: int | None = None
     eval_batch: int = 64
     log_every: int = 10
-    precision: str = "no"  # no | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 where the device computes it natively, else fp32) | no | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False
     on_nonfinite: str = "stop"  # stop | skip
@@ -306,7 +306,7 @@ def optimizer_options(opt_cfg) -> dict:
     return {k: v for k, v in options.items() if k not in OPTIMIZER_KEYS_NOT_OPTIONS and v is not None}
 
 
-CHOICES = {"on_nonfinite": ("stop", "skip"), "precision": ("no", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
+CHOICES = {"on_nonfinite": ("stop", "skip"), "precision": ("auto", "no", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
            "sharding": ("none", "fsdp2")}
 
 

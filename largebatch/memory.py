@@ -62,9 +62,10 @@ def state_tensors_per_parameter(optimizer: str, **options) -> int:
     count follows the registry and the options (``momentum=0``) without a table of its own."""
     from largebatch.optim import create_optimizer
 
-    param = torch.nn.Parameter(torch.ones(4))
-    param.grad = torch.ones(4)
-    opt = create_optimizer([param], optimizer, lr=0.0, **options)
+    layer = torch.nn.Linear(2, 2, bias=False)  # a named parameter of 4 elements: exclusion patterns need names
+    param = layer.weight
+    param.grad = torch.ones_like(param)
+    opt = create_optimizer(layer, optimizer, lr=0.0, **options)
     opt.step()
     return sum(1 for value in opt.state[param].values() if torch.is_tensor(value) and value.numel() == 4)
 

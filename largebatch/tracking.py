@@ -27,6 +27,8 @@ from omegaconf import OmegaConf
 from largebatch.errors import ConfigError
 from largebatch.fileio import atomic_write_json, atomic_write_text
 
+# Metric fields measured in wall-clock time: they differ between two sessions of the same run by nature.
+TIMING_KEYS = ("samples_per_s", "tokens_per_s", "tflops", "mfu")
 PACKAGES = ("largebatch", "torch", "torchvision", "transformers", "tokenizers", "datasets", "accelerate",
             "hydra-core", "omegaconf", "wandb", "timm", "torch-optimizer")
 

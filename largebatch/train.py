@@ -42,9 +42,11 @@ from largebatch.checkpoint import (
     save_checkpoint,
 )
 from largebatch.config import optimizer_options
+from largebatch.device import resolve_device_type, resolve_precision
 from largebatch.distributed import adopt_cluster_environment, check_launch, data_parallel
 from largebatch.errors import ConfigError, NonFiniteError
 from largebatch.fileio import atomic_dir
+from largebatch.flops import mfu_metrics
 from largebatch.optim import create_optimizer, trust_ratio_stats
 from largebatch.plan import build_plans, format_plan, lr_schedule
 from largebatch.tasks import build_task
@@ -55,8 +57,10 @@ log = logging.getLogger(__name__)
 def make_accelerator(cfg) -> Accelerator:
     adopt_cluster_environment()
     check_launch(cfg)
-    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.precision)
+    cpu = resolve_device_type(cfg.device) == "cpu"
+    precision = resolve_precision(cfg.precision, "cpu" if cpu else "cuda")
+    accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
+    log.info("precision=%s: %s", cfg.precision, precision if precision != "no" else "fp32")
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
         raise ConfigError(
@@ -202,6 +206,8 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
         checkpoint_every = (max(1, round(cfg.checkpoint_every_epochs * plan.train_samples))
                             if cfg.checkpoint_every_epochs else None)
         tokens_per_sample = task.tokens_per_sample(plan.seq_len)
+        flops_per_sample = task.flops_per_sample(model, plan.seq_len)
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
         window = state.window = state.window or {"loss": 0.0, "loss_steps": 0, "steps": 0, "samples": 0}
         window_started = time.perf_counter()
         batches = task.steps(plan, stage_index=state.stage_index, rank=accelerator.process_index, world_size=world,
@@ -275,6 +281,8 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
                     state.last_loss = metrics["loss"] = window["loss"] / window["loss_steps"]
                 if tokens_per_sample:
                     metrics["tokens_per_s"] = window["samples"] * tokens_per_sample / elapsed
+                metrics.update(mfu_metrics(flops_per_sample, metrics["samples_per_s"], world, device_name,
+                                           accelerator.mixed_precision))
                 if before is not None:
                     metrics["update_norm"] = global_norm([p.detach() - b for p, b in zip(params, before)]).item()
                 metrics.update(trust_ratio_stats(core_optimizer, per_layer=cfg.per_layer_trust_ratios))
@@ -311,6 +319,7 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
     # ---------------------------------------------------------------- records and checkpoint
     summary = {"steps": state.step, "samples": state.samples, "skipped_steps": state.skipped, "wall_time_s": wall,
                "samples_per_s": state.samples / wall, "world_size": world, "optimizer": cfg.optimizer.name,
+               "precision": accelerator.mixed_precision,
                "batch": plans[-1].batch, "final_loss": state.last_loss, "primary_metric": task.primary.name,
                **(state.last_eval or {}), **final_eval}
     recorder.summary(summary)  # before the checkpoint: a full disk there must not lose a finished run

@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO, lb
 from largebatch.checkpoint import Interrupted, checkpoint_dirs
 from largebatch.errors import ConfigError
+from largebatch.tracking import TIMING_KEYS
 from largebatch.train import train
 
 RUN = ["scale=tiny", "progress=false", "log_every=1", "epochs=4", "checkpoint_every_epochs=0.5"]
@@ -22,8 +23,7 @@ RUN = ["scale=tiny", "progress=false", "log_every=1", "epochs=4", "checkpoint_ev
 
 def records(run_dir) -> list[dict]:
     """Every metric line, without the timing fields (they differ between sessions by nature)."""
-    timing = {"samples_per_s", "tokens_per_s"}
-    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

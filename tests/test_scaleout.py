@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from conftest import REPO, lb
 from largebatch.checkpoint import checkpoint_dirs
 from largebatch.cli import plan_rows
+from largebatch.tracking import TIMING_KEYS
 from largebatch.train import train
 
 BASE = ["batch=32", "micro_batch=8", "model.dropout=0", "log_every=1", "eval_max_batches=1", "eval_batch=16"]
@@ -33,8 +34,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
 
 
 def records(run_dir) -> list[dict]:
-    timing = {"samples_per_s", "tokens_per_s"}
-    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -41,7 +41,7 @@ def test_three_step_lb_train_writes_every_record(tmp_path, data_cache):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_lines = [m for m in lines if "loss" in m]
     assert [m["step"] for m in train_lines] == [1, 2, 3]
-    for key in ["lr", "grad_norm", "param_norm", "update_norm", "samples_per_s", "tokens_per_s"]:
+    for key in ["lr", "grad_norm", "param_norm", "update_norm", "samples_per_s", "tokens_per_s", "tflops"]:
         assert all(m[key] >= 0 for m in train_lines), key
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["samples"] == 96

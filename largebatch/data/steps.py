@@ -77,8 +77,8 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
 
 
 def index_steps(dataset: Dataset, plan, *, rank: int, world_size: int, seed: int, num_workers: int = 0,
-                first_epoch: int = 0, start_step: int = 0, collate: Callable = collate_micro
-                ) -> Iterator[list[dict]]:
+                first_epoch: int = 0, start_step: int = 0, collate: Callable = collate_micro,
+                pin_memory: bool = False) -> Iterator[list[dict]]:
     """Yield the micro-batches of one step after another from step ``start_step`` of the stage, forever,
     epoch after epoch. ``collate(samples, micro_batch)`` cuts one step's samples of this rank into
     micro-batches (variable-length samples bring their own, which pads).
@@ -88,6 +88,7 @@ def index_steps(dataset: Dataset, plan, *, rank: int, world_size: int, seed: int
     so it leaves the global RNG (dropout's) as an uninterrupted run would."""
     sampler = StepSampler(len(dataset), plan.batch, rank=rank, world_size=world_size, seed=seed)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, generator=torch.Generator(),
+                        pin_memory=pin_memory,
                         collate_fn=partial(collate, micro_batch=plan.micro_batch),
                         worker_init_fn=_leave_stop_signals_to_the_trainer)
     epoch, sampler.first_step = divmod(start_step, len(sampler))

@@ -7,10 +7,12 @@
 Variants are entries of :data:`OPTIMIZERS` (one class per algorithm, other defaults), as in timm; the
 registry is the one home of every option's default (the classes fill options left at None from it, the
 YAML files under conf/optimizer/ state only what differs). :func:`describe_optimizers` lists them.
-Depends on torch only. ``implementation`` for LAMB/LARS: ``"auto"`` (C++ kernel for fp32 CPU tensors
-when it builds, else foreach), ``"cpp"``, ``"foreach"`` (any device, CUDA included); for the torch
+Depends on torch only (Triton, which ships with torch, for the CUDA kernel). ``implementation`` for
+LAMB/LARS: ``"auto"`` (the Triton kernel for dense CUDA tensors, the C++ kernel for fp32 CPU tensors,
+when they build; else foreach), ``"triton"``, ``"cpp"``, ``"foreach"`` (any device); for the torch
 baselines: ``"auto"`` (fused where supported and every parameter is dense, else foreach), ``"fused"``,
-``"foreach"``.
+``"foreach"``. Parameters sharded by FSDP2 (DTensors) take foreach under ``"auto"`` (fused Adam/AdamW
+for the baselines), so trust ratios and clip norms are those of whole tensors.
 """
 
 from __future__ import annotations

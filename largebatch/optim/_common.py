@@ -87,7 +87,7 @@ def global_grad_scale(grads: list[torch.Tensor], max_norm: float | None) -> torc
     """Factor 1/max(1, ||g||/max_norm) of NVLAMB's global pre-clip (a 0-d tensor; None when off)."""
     if max_norm is None or not grads:
         return None
-    norms = torch._foreach_norm(grads)
+    norms = foreach_norms(grads)
     total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
     return 1.0 / (total / max_norm).clamp(min=1.0)
 
@@ -99,8 +99,16 @@ def safe_ratio(num: torch.Tensor, den: torch.Tensor, lo: float, hi: float) -> to
     return ratio.clamp(min=lo, max=hi)
 
 
+def foreach_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """||t|| per tensor, accumulated in fp32 at least: a 16-bit norm keeps ~3 significant digits. (DTensors
+    have no dtype= form; FSDP2 keeps its sharded parameters in fp32.)"""
+    if any(t.dtype == torch.float64 or is_sharded(t) for t in tensors):
+        return torch._foreach_norm(tensors)
+    return torch._foreach_norm(tensors, 2, dtype=torch.float32)
+
+
 def stacked_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(torch._foreach_norm(tensors))
+    return torch.stack(foreach_norms(tensors))
 
 
 def weight_norms(xs: list[torch.Tensor], clamp: float | None) -> torch.Tensor:

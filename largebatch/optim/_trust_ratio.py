@@ -6,11 +6,14 @@ kernel's argument order) and supplies the two ways to do one step:
 
 - :meth:`_foreach_group`: one param group with ``torch._foreach_*`` ops (any device), returning the
   group's trust ratios (None when the group is not adapted);
-- :meth:`_cpp_row`: the group's row of the C++ kernel's hyperparameter table (a ``_cpp.*Columns``).
+- :meth:`_cpp_row`: the group's row of the C++ kernel's hyperparameter table (a ``_cpp.*Columns``),
+  which the Triton kernel (:mod:`largebatch.optim._triton`) reads too.
 
 Everything else is here: filling options from the registry (their one home), the checks every variant
-needs, ``grad_clip_norm`` (a global option, kept in ``state_dict``), sparse-gradient refusal, lazy state,
-NVLAMB's global pre-clip, the choice between the C++ kernel and foreach, and the trust-ratio record that
+needs, ``grad_clip_norm`` (a global option, kept in ``state_dict``), sparse-gradient refusal, lazy state
+(float32 for bfloat16/float16 parameters: moments kept in 16 bits lose most of the update, and the
+Triton kernel reads float32 state, as apex's FusedLAMB keeps it), NVLAMB's global pre-clip, the choice
+between the Triton kernel (CUDA), the C++ kernel (CPU) and foreach, and the trust-ratio record that
 :func:`largebatch.optim.trust_ratio_stats` reads.
 """
 
@@ -20,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _common, _cpp
+from . import _common, _cpp, _triton
 
 
 class GroupBatch(NamedTuple):
@@ -56,7 +59,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, **options, adapt=True))
         # Global options: the pre-clip needs the norm over ALL groups, the path is chosen for all at once.
         self.grad_clip_norm = grad_clip_norm
-        self.implementation = _common.check_implementation(implementation)
+        self.implementation = _triton.check_implementation(implementation)
         self.last_path: str | None = None
 
     def _registry_defaults(self, options: dict) -> dict:
@@ -82,6 +85,17 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
     def _cpp_row(self, group: dict, grad_scale: float) -> tuple:
         raise NotImplementedError
 
+    def _cpp_supports(self) -> bool:
+        """False when a group uses a form the C++ kernel lacks ('auto' then takes foreach on CPU)."""
+        return True
+
+    def _triton_row(self, group: dict) -> tuple:
+        """The group's row of the Triton kernel's table: the C++ kernel's, with grad scale 1 (the kernel
+        reads NVLAMB's pre-clip factor from the device, so the step never waits for it), and for LARS
+        the ``lr_in_momentum`` flag."""
+        row = tuple(self._cpp_row(group, 1.0))
+        return row + (float(group.get("lr_in_momentum", False)),) if self.kernel == "lars_step" else row
+
     # ------------------------------------------------------------------ the shared step
     def state_dict(self):
         sd = super().state_dict()
@@ -92,6 +106,10 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         self.grad_clip_norm = state_dict.pop("grad_clip_norm", self.grad_clip_norm)
         super().load_state_dict(state_dict)
+        for p, state in self.state.items():  # torch casts loaded state to the param's dtype: undo it
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.is_floating_point() and value.dtype != _state_dtype(p):
+                    state[key] = value.to(_state_dtype(p))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -104,8 +122,10 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
             return loss
         scale = _common.global_grad_scale([g for b in batches for g in b.grads], self.grad_clip_norm)
         tensors = [t for b in batches for lst in (b.params, b.grads, *b.states) for t in lst]
-        self.last_path = _common.choose_path(self.implementation, tensors)
-        if self.last_path == "cpp":
+        self.last_path = self._choose_path(batches, tensors)
+        if self.last_path == "triton":
+            _triton.step(self, batches, scale)
+        elif self.last_path == "cpp":
             self._step_cpp(batches, 1.0 if scale is None else float(scale))
         else:
             adapted, ratios = [], []
@@ -130,11 +150,24 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
                 state = self.state[p]
                 for key in keys:
                     if key not in state:
-                        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state[key] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
             self._begin_group_step(group)
             states = tuple([self.state[p][key] for p in ps] for key in keys)
             batches.append(GroupBatch(group, ps, [p.grad for p in ps], states))
         return batches
+
+    def _choose_path(self, batches: list[GroupBatch], tensors: list[torch.Tensor]) -> str:
+        """The path of this step; under 'auto', a Triton kernel that fails to build means foreach."""
+        path = _triton.choose_path(self.implementation, tensors, cpp_ok=self._cpp_supports())
+        if path == "triton" and self.implementation == "auto":
+            pairs = {(x.dtype, g.dtype) for b in batches for x, g in zip(b.params, b.grads)}
+            device = tensors[0].device
+            reasons = [r for x, g in pairs if (r := _triton.available(self.kernel, x, g, device)) is not None]
+            if reasons:
+                _common._warn_once(f"largebatch.optim: Triton kernel unavailable ({reasons[0].splitlines()[0]}), "
+                                   "falling back to the foreach implementation")
+                return "foreach"
+        return path
 
     def _step_cpp(self, batches: list[GroupBatch], grad_scale: float) -> None:
         rows, xs, gs, adapt_mask = [], [], [], []
@@ -151,3 +184,14 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         ratios = getattr(_cpp.load(), self.kernel)(xs, gs, *states, _cpp.table(rows))
         adapted = [p for p, a in zip(xs, adapt_mask) if a]
         _common.record_trust_ratios(self, adapted, ratios[torch.tensor(adapt_mask)] if adapted else None)
+
+
+def _state_dtype(p: torch.Tensor) -> torch.dtype:
+    """float32 state for 16-bit floating parameters, the parameter's dtype otherwise."""
+    return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+
+
+def as_float32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """16-bit tensors as float32 copies, others as they are: the foreach paths take norms and form updates
+    of 16-bit parameters in float32, as the kernels do (a bfloat16 norm has 3 significant digits)."""
+    return [t.float() if t.dtype in (torch.bfloat16, torch.float16) else t for t in tensors]

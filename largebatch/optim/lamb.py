@@ -22,8 +22,10 @@ home. The shared skeleton (options, state, path choice) is :mod:`largebatch.opti
 Implementation it follows: the paper's formulas, checked step by step against a float64 per-tensor
 reference (tests/test_optim.py); the structure of the multi-tensor path follows timm's ``Lamb``
 (timm/optim/lamb.py). Paths (``implementation``): ``"cpp"`` a fused two-pass CPU kernel (see
-:mod:`largebatch.optim._cpp`), ``"foreach"`` ``torch._foreach_*`` ops (any device, CUDA included),
-``"auto"`` the kernel for contiguous fp32 CPU tensors when it builds, else foreach.
+:mod:`largebatch.optim._cpp`), ``"triton"`` the same two passes for CUDA tensors (apex FusedLAMB's
+design, :mod:`largebatch.optim._triton`), ``"foreach"`` ``torch._foreach_*`` ops (any device),
+``"auto"`` the Triton kernel for dense CUDA tensors and the C++ kernel for contiguous fp32 CPU tensors
+when they build, else foreach. bfloat16/float16 parameters keep float32 moments.
 
 Deviations from / differences to other implementations, all deliberate:
 
@@ -48,7 +50,7 @@ import math
 import torch
 
 from . import _common, _cpp
-from ._trust_ratio import GroupBatch, TrustRatioOptimizer
+from ._trust_ratio import GroupBatch, TrustRatioOptimizer, as_float32
 
 
 class Lamb(TrustRatioOptimizer):
@@ -107,6 +109,7 @@ def _foreach_lamb(group, xs, gs, ms, vs, scale) -> torch.Tensor | None:
     wd = group["weight_decay"]
     if scale is not None:  # NVLAMB pre-clip; out of place so that p.grad keeps the raw gradient
         gs = torch._foreach_mul(gs, scale.to(gs[0].device))
+    gs = as_float32(gs)  # 16-bit params keep float32 moments
     torch._foreach_lerp_(ms, gs, 1 - b1)
     torch._foreach_mul_(vs, b2)
     torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
@@ -120,7 +123,7 @@ def _foreach_lamb(group, xs, gs, ms, vs, scale) -> torch.Tensor | None:
         torch._foreach_add_(update, xs, alpha=wd)
     ratios = None
     if group["adapt"]:
-        ratios = _common.safe_ratio(_common.weight_norms(xs, group["clamp_weight_norm"]),
+        ratios = _common.safe_ratio(_common.weight_norms(as_float32(xs), group["clamp_weight_norm"]),
                                     _common.stacked_norms(update), *_common.parse_trust_clip(group["trust_clip"]))
         torch._foreach_mul_(update, list(ratios.unbind(0)))
     torch._foreach_add_(xs, update, alpha=-group["lr"])

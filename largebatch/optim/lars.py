@@ -22,16 +22,17 @@ mlperf_lars_optimizer.py and tensorflow2/lars_optimizer.py: ``apply_momentum`` w
 
 which is the 2017 paper's too. It equals the default form while lr is constant and differs while the lr
 changes (warmup, decay): the buffer remembers each step at the lr of that step. The C++ kernel does not
-have it: a step with ``lr_in_momentum`` in any group runs the foreach path (``"auto"`` chooses it;
-``"cpp"`` is refused with a ValueError).
+have it: on CPU a step with ``lr_in_momentum`` in any group runs the foreach path (``"auto"`` chooses it;
+``"cpp"`` is refused with a ValueError); the Triton kernel has it.
 
 The ratio is 1 when ||x|| or the denominator is 0, and tensors in a group with ``adapt=False`` (biases
 and norm weights by default) take ratio 1: that is exactly ``torch.optim.SGD(momentum, nesterov,
 weight_decay)``. Options left at None take the defaults of the registry entry ``lars``, their one home.
 
 Implementation it follows: timm ``Lars`` (timm/optim/lars.py) and apex ``LARC``. Paths: ``"cpp"``
-(two-pass CPU kernel, :mod:`largebatch.optim._cpp`), ``"foreach"`` (any device), ``"auto"``; the shared
-skeleton is :mod:`largebatch.optim._trust_ratio`.
+(two-pass CPU kernel, :mod:`largebatch.optim._cpp`), ``"triton"`` (two-pass CUDA kernel,
+:mod:`largebatch.optim._triton`), ``"foreach"`` (any device), ``"auto"``; the shared skeleton is
+:mod:`largebatch.optim._trust_ratio`.
 
 Deviations, all deliberate:
 
@@ -49,7 +50,7 @@ from __future__ import annotations
 import torch
 
 from . import _common, _cpp
-from ._trust_ratio import GroupBatch, TrustRatioOptimizer
+from ._trust_ratio import GroupBatch, TrustRatioOptimizer, as_float32
 
 MODES = ("lars", "larc")
 
@@ -72,17 +73,8 @@ class Lars(TrustRatioOptimizer):
                          clamp_weight_norm=clamp_weight_norm, grad_clip_norm=grad_clip_norm,
                          implementation=implementation, lr_in_momentum=lr_in_momentum)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        if self.implementation == "foreach" or not any(g.get("lr_in_momentum") for g in self.param_groups):
-            return super().step(closure)
-        if self.implementation == "cpp":
-            raise ValueError("lr_in_momentum has no C++ kernel: use implementation='foreach' or 'auto'")
-        requested, self.implementation = self.implementation, "foreach"  # the kernel lacks this form
-        try:
-            return super().step(closure)
-        finally:
-            self.implementation = requested
+    def _cpp_supports(self) -> bool:
+        return not any(g.get("lr_in_momentum") for g in self.param_groups)
 
     def _check(self, options: dict) -> None:
         if options["mode"] not in MODES:
@@ -115,9 +107,10 @@ def _foreach_lars(group, xs, gs, bufs, scale) -> torch.Tensor | None:
     wd, mom, lr = group["weight_decay"], group["momentum"], group["lr"]
     if scale is not None:
         gs = torch._foreach_mul(gs, scale.to(gs[0].device))
+    gs = as_float32(gs)  # 16-bit params: the update is formed in float32 (the buffers are float32)
     ratios = None
     if group["adapt"]:
-        x_norm = _common.weight_norms(xs, group["clamp_weight_norm"])
+        x_norm = _common.weight_norms(as_float32(xs), group["clamp_weight_norm"])
         den = _common.stacked_norms(gs) + wd * x_norm
         ok = (x_norm > 0) & (den > 0)  # eps only guards the division, not the zero rule
         local = group["trust_coefficient"] * x_norm / (den + group["eps"])

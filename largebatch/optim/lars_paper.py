@@ -13,8 +13,9 @@ buffer with the first gradient). Options left at None take the defaults of the r
 This is not the LARS of 2017 (:mod:`largebatch.optim.lars`): there the ratio eta*||x||/(||g|| + wd*||x||)
 scales g + wd*x before an undampened heavy-ball momentum, with eta = 0.001. Implementation it follows:
 the paper's formula, checked against a float64 reference (tests/test_optim.py). Paths: ``"cpp"``
-(``lars_step`` of :mod:`largebatch.optim._cpp`, mode ``lars_paper``), ``"foreach"`` (any device),
-``"auto"``; the shared skeleton is :mod:`largebatch.optim._trust_ratio`.
+(``lars_step`` of :mod:`largebatch.optim._cpp`, mode ``lars_paper``), ``"triton"`` (the same on CUDA,
+:mod:`largebatch.optim._triton`), ``"foreach"`` (any device), ``"auto"``; the shared skeleton is
+:mod:`largebatch.optim._trust_ratio`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import _common, _cpp
-from ._trust_ratio import GroupBatch, TrustRatioOptimizer
+from ._trust_ratio import GroupBatch, TrustRatioOptimizer, as_float32
 
 
 class LarsPaper(TrustRatioOptimizer):
@@ -66,11 +67,12 @@ def _foreach_lars_paper(group, xs, gs, ms, scale) -> torch.Tensor | None:
     mom = group["momentum"]
     if scale is not None:
         gs = torch._foreach_mul(gs, scale.to(gs[0].device))
+    gs = as_float32(gs)  # 16-bit params keep a float32 momentum
     torch._foreach_mul_(ms, mom)
     torch._foreach_add_(ms, torch._foreach_add(gs, xs, alpha=group["weight_decay"]), alpha=1 - mom)
     update, ratios = ms, None
     if group["adapt"]:
-        ratios = _common.safe_ratio(group["trust_coefficient"] * _common.weight_norms(xs, group["clamp_weight_norm"]),
+        ratios = _common.safe_ratio(group["trust_coefficient"] * _common.weight_norms(as_float32(xs), group["clamp_weight_norm"]),
                                     _common.stacked_norms(ms), *_common.parse_trust_clip(group["trust_clip"]))
         update = torch._foreach_mul(ms, list(ratios.unbind(0)))
     torch._foreach_add_(xs, update, alpha=-group["lr"])

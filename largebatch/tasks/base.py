@@ -54,6 +54,10 @@ class Task:
         """For the tokens/s figure; None where tokens mean nothing."""
         return seq_len
 
+    def flops_per_sample(self, model: nn.Module, seq_len: int | None) -> float | None:
+        """Training FLOPs of one sample, for the tflops/mfu figures (largebatch.flops); None: not counted."""
+        return None
+
     def describe(self) -> dict[str, str]:
         """Header lines for lb-plan: what model, what data."""
         return {"model": self.cfg.model.name, "data": self.cfg.data.name}

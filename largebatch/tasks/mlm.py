@@ -2,17 +2,21 @@
 
 The loss is summed over masked tokens and normalised by the GLOBAL number of masked tokens of the
 step (the reference's per-token mean, made exact under accumulation and ranks). Masks are a function
-of (seed, epoch, sample), so every batch size and split sees the same masks.
+of (seed, epoch, sample), so every batch size and split sees the same masks; a whole step is masked at
+once with tensor ops (``largebatch.data.mlm``), in data-loader workers on CUDA (``data.num_workers=auto``).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from torch import nn
 
 from largebatch.data import MLMData, build_mlm_data
+from largebatch.data.mlm import masked_count, split_micro_batches
 from largebatch.data.steps import STAGE_EPOCH_STRIDE, index_steps
+from largebatch.device import resolve_device_type, resolve_num_workers
 from largebatch.labels import IGNORE_INDEX
 from largebatch.tasks.base import Metric, Task, evaluate_samples
 
@@ -53,9 +57,17 @@ class MaskedLMTask(Task):
                           max(model_cfg.max_position_embeddings, longest))
 
     def steps(self, plan, *, stage_index, rank, world_size, start_step=0):
+        workers, pin = resolve_num_workers(self.cfg.data.num_workers, resolve_device_type(self.cfg.device),
+                                           int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         return index_steps(self.data(plan.seq_len).train, plan, rank=rank, world_size=world_size, seed=self.cfg.seed,
-                           num_workers=self.cfg.data.num_workers, first_epoch=STAGE_EPOCH_STRIDE * stage_index,
-                           start_step=start_step)
+                           num_workers=workers, pin_memory=pin, first_epoch=STAGE_EPOCH_STRIDE * stage_index,
+                           start_step=start_step, collate=split_micro_batches)
+
+    def flops_per_sample(self, model, seq_len: int) -> float:
+        """Training FLOPs of one sample (largebatch.flops), with the data's fixed number of predictions."""
+        from largebatch.flops import bert_flops_per_sample
+
+        return bert_flops_per_sample(model, seq_len, masked_count(seq_len, self.cfg.data.mlm_probability))
 
     def normaliser(self, micro_batch):
         return (micro_batch["labels"] != IGNORE_INDEX).sum()
