@@ -63,7 +63,7 @@ def main() -> None:
         "`examples.md`, `translations/test.hyp` (every test hypothesis, in order).",
         "",
         f"Setting: {plan['train_samples']:,} training pairs (verses with a side over {d['max_len']} BPE tokens "
-        f"dropped), a {d['vocab_size']:,}-token joint BPE vocabulary, {m['attention']} attention, dropout "
+        f"dropped), a joint BPE vocabulary of {d['vocab_size']:,} tokens, {m['attention']} attention, dropout "
         f"{m['dropout']}, loss per {m['normalise_by'][:-1]} (tensorflow/nmt's), {cfg['optimizer']['name']} lr "
         f"{cfg['optimizer']['lr']:g} ({cfg['schedule']['name']} schedule, warmup {cfg['schedule']['warmup_epochs']} "
         f"epochs), gradient norm clipped at {cfg['optimizer']['grad_clip_norm']}, {plan['epochs']:g} epochs "
@@ -79,7 +79,8 @@ def main() -> None:
         f"{s['test/ppl']:.2f} |",
         "",
         "No published number exists for KJV -> Reina-Valera verse translation: this run reproduces nothing; it is "
-        "the base rung LEGW's GNMT ladder starts from on this machine, and the copy baseline is the floor.",
+        "the base rung LEGW's GNMT ladder starts from on this machine, and the copy baseline says what \"0\" looks "
+        "like on this pair.",
         "",
         f"Wall time: **{s['wall_time_s'] / 60:.1f} minutes** of training with {len(evals)} evaluations "
         f"(the final beam-search decode of the test split is not included); {sum(rates) / len(rates):.1f} "
