@@ -9,7 +9,8 @@ or on TPU.
 Exact large batches: the loss of each micro-batch is its SUM over targets divided by the GLOBAL count
 that normalises the task's loss (masked tokens, streams, samples; all micro-batches, all ranks), times
 the world size because DDP (and FSDP2's reduce-scatter) averages gradients over ranks. Any split of a
-batch over micro-batches and ranks then gives the same gradient. The logged loss is the per-target mean (its exp is perplexity).
+batch over micro-batches and ranks then gives the same gradient. The logged loss is the per-target mean
+(its exp is perplexity).
 """
 
 from __future__ import annotations
