@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from largebatch.data.steps import split_micro
 from largebatch.labels import IGNORE_INDEX
 
 MASKING_SCHEME = "bert-fixed-count-v2"  # recorded with results: MLM numbers depend on it
@@ -126,5 +127,4 @@ class MaskedLMDataset(Dataset):
 
 def split_micro_batches(batch: dict, micro_batch: int) -> list[dict]:
     """One step's masked batch (from ``__getitems__``) -> its micro-batches, in order."""
-    n = len(batch["input_ids"])
-    return [{k: v[i:i + micro_batch] for k, v in batch.items()} for i in range(0, n, micro_batch)]
+    return [{k: v[part] for k, v in batch.items()} for part in split_micro(len(batch["input_ids"]), micro_batch)]

@@ -6,9 +6,10 @@ from every token to the ~15% that carry a label. Given ``masked_positions`` (a f
 sequence, from the data: BERT's original ``masked_lm_positions``), the head's input has a static shape
 [batch, count], so ``torch.compile`` compiles once; without them the positions are found from the
 labels (a data-dependent shape). Both give the same loss (tested). Attention runs through PyTorch's
-``scaled_dot_product_attention`` (``attn_implementation="sdpa"``: flash / memory-efficient kernels). The model returns the SUM of the token losses and
-the token count, so the trainer can normalise by the global count of masked tokens over all
-micro-batches and ranks (what makes a large batch split any way give the same gradient).
+``scaled_dot_product_attention`` (``attn_implementation="sdpa"``: flash / memory-efficient kernels).
+The model returns the SUM of the token losses and the token count, so the trainer can normalise by the
+global count of masked tokens over all micro-batches and ranks (what makes a large batch split any way
+give the same gradient).
 
 Deviation from the LAMB paper's BERT: masked-LM only, no next-sentence prediction (as RoBERTa);
 sequences are packed across document boundaries.

@@ -192,6 +192,7 @@ def _state_dtype(p: torch.Tensor) -> torch.dtype:
 
 
 def as_float32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """16-bit tensors as float32 copies, others as they are: the foreach paths take norms and form updates
-    of 16-bit parameters in float32, as the kernels do (a bfloat16 norm has 3 significant digits)."""
+    """16-bit tensors as float32 copies, others as they are: the foreach paths form the updates of 16-bit
+    parameters in float32, against float32 state, as the kernels do (norms of 16-bit tensors accumulate
+    in float32 in :func:`largebatch.optim._common.foreach_norms` without a copy)."""
     return [t.float() if t.dtype in (torch.bfloat16, torch.float16) else t for t in tensors]

@@ -123,7 +123,7 @@ def _foreach_lamb(group, xs, gs, ms, vs, scale) -> torch.Tensor | None:
         torch._foreach_add_(update, xs, alpha=wd)
     ratios = None
     if group["adapt"]:
-        ratios = _common.safe_ratio(_common.weight_norms(as_float32(xs), group["clamp_weight_norm"]),
+        ratios = _common.safe_ratio(_common.weight_norms(xs, group["clamp_weight_norm"]),
                                     _common.stacked_norms(update), *_common.parse_trust_clip(group["trust_clip"]))
         torch._foreach_mul_(update, list(ratios.unbind(0)))
     torch._foreach_add_(xs, update, alpha=-group["lr"])

@@ -110,7 +110,7 @@ def _foreach_lars(group, xs, gs, bufs, scale) -> torch.Tensor | None:
     gs = as_float32(gs)  # 16-bit params: the update is formed in float32 (the buffers are float32)
     ratios = None
     if group["adapt"]:
-        x_norm = _common.weight_norms(as_float32(xs), group["clamp_weight_norm"])
+        x_norm = _common.weight_norms(xs, group["clamp_weight_norm"])
         den = _common.stacked_norms(gs) + wd * x_norm
         ok = (x_norm > 0) & (den > 0)  # eps only guards the division, not the zero rule
         local = group["trust_coefficient"] * x_norm / (den + group["eps"])

@@ -72,7 +72,7 @@ def _foreach_lars_paper(group, xs, gs, ms, scale) -> torch.Tensor | None:
     torch._foreach_add_(ms, torch._foreach_add(gs, xs, alpha=group["weight_decay"]), alpha=1 - mom)
     update, ratios = ms, None
     if group["adapt"]:
-        ratios = _common.safe_ratio(group["trust_coefficient"] * _common.weight_norms(as_float32(xs), group["clamp_weight_norm"]),
+        ratios = _common.safe_ratio(group["trust_coefficient"] * _common.weight_norms(xs, group["clamp_weight_norm"]),
                                     _common.stacked_norms(ms), *_common.parse_trust_clip(group["trust_clip"]))
         update = torch._foreach_mul(ms, list(ratios.unbind(0)))
     torch._foreach_add_(xs, update, alpha=-group["lr"])
