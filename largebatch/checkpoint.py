@@ -43,6 +43,7 @@ class TrainerState:
     last_loss: float | None = None
     elapsed_s: float = 0.0  # training wall time of the earlier sessions
     world_size: int = 1  # a checkpoint resumes only on as many processes (the LM's states are per rank)
+    noise: dict = field(default_factory=dict)  # the gradient noise scale's window (largebatch.noise)
 
 
 class Interrupted(LargebatchError):

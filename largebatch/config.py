@@ -263,6 +263,8 @@ class TrainConfig:
     overwrite: bool = False  # replace the run already in hydra.run.dir
     progress: bool = True
     per_layer_trust_ratios: bool = False
+    noise_scale: bool = True  # log the gradient noise scale B_simple on log steps (largebatch/noise.py)
+    noise_scale_window: int = 20  # log steps whose estimates are averaged before dividing
     sharding: str = "none"  # none (one process or DDP) | fsdp2 (torch's fully_shard; largebatch/distributed.py)
 
 
@@ -341,6 +343,7 @@ def validate(cfg) -> None:
     positive("eval_batch", cfg.eval_batch)
     positive("eval_max_batches", cfg.eval_max_batches, allow_none=True)
     positive("log_every", cfg.log_every)
+    positive("noise_scale_window", cfg.noise_scale_window)
     positive("checkpoint_every_epochs", cfg.checkpoint_every_epochs, allow_none=True, integer=False)
     positive("keep_checkpoints", cfg.keep_checkpoints)
     positive("max_consecutive_skips", cfg.max_consecutive_skips, zero=True)

@@ -48,6 +48,7 @@ from largebatch.distributed import adopt_cluster_environment, check_launch, data
 from largebatch.errors import ConfigError, NonFiniteError
 from largebatch.fileio import atomic_dir
 from largebatch.flops import mfu_metrics
+from largebatch.noise import NoiseScale
 from largebatch.optim import create_optimizer, trust_ratio_stats
 from largebatch.plan import build_plans, format_plan, lr_schedule
 from largebatch.tasks import build_task
@@ -196,6 +197,11 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
         return save_checkpoint(accelerator, parallel, task, state, run_dir, keep=cfg.keep_checkpoints)
 
     # ---------------------------------------------------------------- training
+    noise = None
+    if cfg.noise_scale and cfg.sharding == "fsdp2":
+        log.info("noise_scale: not measured under sharding=fsdp2 (a rank's local gradient is not materialised)")
+    elif cfg.noise_scale:
+        noise = NoiseScale(cfg.noise_scale_window, state.noise)
     total_steps = sum(p.total_steps for p in plans)
     bar = tqdm(total=total_steps, initial=state.step, disable=not (cfg.progress and accelerator.is_main_process),
                desc="train")
@@ -220,6 +226,11 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
             local_count = sum(task.normaliser(mb) for mb in micro_batches)
             global_count = accelerator.reduce(torch.as_tensor(local_count, device=device), reduction="sum").clamp(min=1)
             totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, targets: the logged mean
+            is_log_step = (stage_step + 1) % cfg.log_every == 0 or stage_step + 1 == plan.total_steps
+            # The noise scale's small batch (largebatch/noise.py): [squared norm, loss units, 1] on this rank.
+            small = torch.zeros(3, dtype=torch.float64, device=device)
+            if noise is not None and is_log_step and len(micro_batches) == 1:
+                small = _half_batch_gradient(task, model, micro_batches[0], parallel, accelerator, params)
             for slot, mb in enumerate(micro_batches):
                 last = slot == len(micro_batches) - 1
                 with contextlib.nullcontext() if last else parallel.no_sync(model), accelerator.autocast():
@@ -228,6 +239,10 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
                 accelerator.backward(loss)
                 totals[0] += out["loss_sum"].detach().double()
                 totals[1] += out["count"]
+                if noise is not None and is_log_step and slot == 0 and not last:  # local, not yet all-reduced
+                    units = float(task.normaliser(mb))
+                    mean_grad_sq = _grad_sq(params, accelerator) * (float(global_count) / (world * units)) ** 2
+                    small = torch.tensor([mean_grad_sq, units, 1.0], dtype=torch.float64, device=device)
 
             lr = lr_at(stage_step)
             for group in optimizer.param_groups:
@@ -237,7 +252,12 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
             grad_norm = global_norm(p.grad for p in params)
             loss_sum, targets = accelerator.reduce(totals, reduction="sum")
             step_loss = loss_sum / targets.clamp(min=1)
-            is_log_step = (stage_step + 1) % cfg.log_every == 0 or stage_step + 1 == plan.total_steps
+            if noise is not None and is_log_step:
+                small_sq, small_units, ranks = accelerator.reduce(small, reduction="sum").tolist()
+                if ranks:  # the mean over the ranks that measured one
+                    noise.add(small_sq / ranks, small_units / ranks, grad_norm.item() ** 2, float(global_count),
+                              plan.batch)
+                    state.noise = noise.state_dict()
             before = None
             # Under fp16 the GradScaler owns infinite gradients (it skips the step and lowers the scale).
             finite = torch.isfinite(step_loss) & (torch.isfinite(grad_norm) if accelerator.scaler is None else True)
@@ -287,6 +307,8 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
                 if before is not None:
                     metrics["update_norm"] = global_norm([p.detach() - b for p, b in zip(params, before)]).item()
                 metrics.update(trust_ratio_stats(core_optimizer, per_layer=cfg.per_layer_trust_ratios))
+                if noise is not None:
+                    metrics.update(noise.metrics())
                 recorder.log(metrics)
                 bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.3f}", lr=f"{lr:.2e}")
                 window.update(loss=0.0, loss_steps=0, steps=0, samples=0)
@@ -334,6 +356,34 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
         log.info("done in %.1f s: %s", wall, {k: (round(v, 4) if isinstance(v, float) else v)
                                                 for k, v in summary.items()})
     return summary
+
+
+def _grad_sq(params, accelerator) -> float:
+    """Squared norm of the accumulated gradients, unscaled under fp16's loss scaling."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return math.nan
+    scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
+    return (global_norm(grads).item() / scale) ** 2
+
+
+def _half_batch_gradient(task, model, micro_batch, parallel, accelerator, params) -> torch.Tensor:
+    """The noise scale's small batch when a step has a single micro-batch: the mean gradient over the
+    first half of it, computed apart (no gradient sync, a forked RNG, the task's state untouched) and
+    discarded. Returns [squared norm, loss units, 1], or zeros where the micro-batch cannot be halved."""
+    device = accelerator.device
+    half = task.half_batch(micro_batch)
+    if half is None:
+        return torch.zeros(3, dtype=torch.float64, device=device)
+    units = float(task.normaliser(half))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), parallel.no_sync(model):
+        with accelerator.autocast():
+            out = task.probe_forward(model, half, 0)
+        accelerator.backward(out["loss_sum"] / max(units, 1.0))
+    mean_grad_sq = _grad_sq(params, accelerator)
+    for p in params:
+        p.grad = None
+    return torch.tensor([mean_grad_sq, units, 1.0], dtype=torch.float64, device=device)
 
 
 def _crossed(samples: int, batch: int, every: int) -> bool:

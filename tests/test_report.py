@@ -142,7 +142,7 @@ def report(tmp_path_factory) -> Path:
     files = write_report(collect_runs([sweep]), out, unigram=unigram, title="Toy ladder",
                          provenance={"report_command": "lb-report sweep"})
     assert set(files) == {"runs.csv", "table.md", "metric_vs_batch.png", "eval_loss_vs_samples.png",
-                          "lr_schedules.png", "provenance.json"}
+                          "lr_schedules.png", "steps_to_target.png", "noise_scale.png", "provenance.json"}
     return out
 
 
@@ -164,7 +164,8 @@ def test_runs_csv_table_md_plots_and_provenance(report):
     assert "91.460" not in ours  # the paper's numbers stay in their own labelled table
     every = md.split("## Every run")[1]
     assert "| lars | 64 | 0 | incomplete |" in every and "2_optimizer=lamb,batch=64" in every
-    for name in ("metric_vs_batch.png", "eval_loss_vs_samples.png", "lr_schedules.png"):
+    for name in ("metric_vs_batch.png", "eval_loss_vs_samples.png", "lr_schedules.png", "steps_to_target.png",
+                 "noise_scale.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     prov = json.loads((out / "provenance.json").read_text())

@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from largebatch.errors import ConfigError
 def load_driver():
     spec = importlib.util.spec_from_file_location("reproduce_table1", REPO / "scripts" / "reproduce_table1.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -71,7 +73,7 @@ def test_run_again_skips_finished_runs_and_resumes_the_killed_one(driver, smoke)
     from largebatch.checkpoint import checkpoint_dirs
 
     work, results = smoke / "work", smoke / "results"
-    killed = work / "runs" / "lamb_top" / "0_batch=8,seed=0"
+    killed = work / "runs" / "lamb" / "batch=8,seed=0"
     full = _lines(killed)
     summary = json.loads((killed / "summary.json").read_text())
     checkpoints = checkpoint_dirs(killed)
@@ -94,7 +96,7 @@ def test_run_again_skips_finished_runs_and_resumes_the_killed_one(driver, smoke)
     record = json.loads((results / "reproduce.json").read_text())
     assert record["calls"] == 2 and record["resumed_runs"] == 1 and record["skipped_runs"] == len(others)
     resumed = next(s for s in record["steps"] if s.get("action") == "resume")
-    assert resumed["run_dir"].endswith("lamb_top/0_batch=8,seed=0") and "resume=auto" in resumed["command"]
+    assert resumed["run_dir"].endswith("lamb/batch=8,seed=0") and "resume=auto" in resumed["command"]
     lines = _lines(killed)
     assert lines[0].get("marker") is True  # continued from its checkpoint, not started over
     assert [m["step"] for m in lines] == [m["step"] for m in full]

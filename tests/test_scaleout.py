@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from conftest import REPO, lb
 from largebatch.checkpoint import checkpoint_dirs
 from largebatch.cli import plan_rows
+from largebatch.noise import PREFIX as NOISE_KEYS
 from largebatch.tracking import TIMING_KEYS
 from largebatch.train import train
 
@@ -34,7 +35,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
 
 
 def records(run_dir) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+    """Metric lines without wall-clock figures, and without the noise scale, whose small batch is a rank's
+    own first micro-batch: it depends on the split by design."""
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS and not k.startswith(NOISE_KEYS)}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

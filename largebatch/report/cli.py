@@ -2,6 +2,7 @@
 
     lb-report outputs/multiruns/2026-11-25_22-00-00 [MORE ...] --out outputs/report \
         [--title T] [--notes TEXT] [--unigram-from-config RUN_DIR] [--tolerance 0.05] [--no-paper]
+        [--candidate lamb] [--baseline adamw] [--target-fraction 0.5] [--scaling-factor 1.5]
 
 ``--out`` is required: there is no default folder, so a bare ``lb-report`` never overwrites committed results.
 """
@@ -31,9 +32,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest rise of eval loss (nats) from the base to the top batch still called flat")
     parser.add_argument("--candidate", default="lamb", help="optimizer whose scaling is judged")
     parser.add_argument("--baseline", default="adamw", help="optimizer it is judged against")
+    parser.add_argument("--target-fraction", type=float, default=0.5,
+                        help="the target loss is the base rungs' eval loss at this fraction of their sample budget "
+                             "(the worse of candidate and baseline); steps and samples to it are reported")
+    parser.add_argument("--scaling-factor", type=float, default=1.5,
+                        help="steps to target within this factor of perfect scaling still count as scaling")
     parser.add_argument("--no-paper", action="store_true", help="leave out the paper's Table 1")
     args = parser.parse_args(argv)
 
+    if not 0 < args.target_fraction <= 1:
+        fail(f"--target-fraction must be in (0, 1], got {args.target_fraction}")
+    if args.scaling_factor < 1:
+        fail(f"--scaling-factor must be at least 1, got {args.scaling_factor}")
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
         fail(f"no such folder: {', '.join(missing)}")
@@ -56,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                   "inputs": [str(p) for p in args.paths]}
     files = write_report(rows, args.out, unigram=unigram, paper_table=not args.no_paper, title=args.title,
                          notes=args.notes, provenance=provenance, candidate=args.candidate, baseline=args.baseline,
-                         tolerance=args.tolerance)
+                         tolerance=args.tolerance, target_fraction=args.target_fraction,
+                         scaling_factor=args.scaling_factor)
     print(f"{len(rows)} run(s) ({count_statuses(rows)}) -> {args.out}: " + ", ".join(files))
     return 0

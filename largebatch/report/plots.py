@@ -11,7 +11,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from largebatch.report.runs import optimizer_rank, read_metrics
-from largebatch.report.summary import Cell, variants
+from largebatch.report.summary import Cell, ladder, variants
 
 MAX_LEGEND = 12  # curves per panel beyond which the legend is left out
 
@@ -133,3 +133,78 @@ def plot_eval_loss_vs_samples(rows: list[dict], path: Path) -> Path:
 def plot_logged_lr(rows: list[dict], path: Path) -> Path:
     return _curves(rows, path, pick="lr", ylabel="learning rate (logged)", log_y=True,
                    title="Learning rate actually used, against samples seen")
+
+
+def plot_steps_to_target(cells: list[Cell], path: Path, target: dict | None = None) -> Path:
+    """Steps to the target loss against the batch (log-log), one line per optimizer's ladder (the mean over the
+    seeds that reached it), with perfect scaling drawn dashed from each base rung (steps halve when the batch
+    doubles); beside it samples to target, whose perfect scaling is flat."""
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    # perfect scaling of (value at the base rung, base batch, batch)
+    panels = [("steps_to_target", "steps to target", lambda value, base_batch, b: value * base_batch / b),
+              ("samples_to_target", "samples to target", lambda value, base_batch, b: value)]
+    for ax, (key, label, perfect) in zip(axes, panels):
+        plotted = False
+        for opt in _optimizers(cells, lambda c: c.optimizer):
+            rungs = ladder(cells, opt)
+            reached = [c for c in rungs if c.mean(key) is not None]
+            if not reached:
+                continue
+            line = ax.plot([c.batch for c in reached], [c.mean(key) for c in reached], marker="o", label=opt)[0]
+            plotted = True
+            if rungs[0].mean(key) is not None:  # perfect scaling from the base rung, over the whole ladder
+                xs = [c.batch for c in rungs]
+                ax.plot(xs, [perfect(rungs[0].mean(key), rungs[0].batch, b) for b in xs], linestyle="--", color=line.get_color(), alpha=0.6,
+                        label=f"{opt} perfect scaling")
+        if plotted:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            batches = sorted({c.batch for c in cells if c.stages == 1 and c.batch})
+            ax.set_xticks(batches, labels=[str(b) for b in batches])  # the ladder's own batch sizes, not 2^k
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no run reached a target loss", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("global batch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    shown = f" {target['loss']:.4f}" if target else ""
+    fig.suptitle(f"Steps and samples to the target eval loss{shown} (dashed: perfect scaling)")
+    return save_figure(fig, path, dpi=120)
+
+
+def _noise_points(row: dict) -> list[tuple[float, float]]:
+    lines = read_metrics(row["_dir"]) if row.get("_dir") else []
+    return [(m["samples"], m["noise/b_simple"]) for m in lines
+            if m.get("samples") is not None and isinstance(m.get("noise/b_simple"), (int, float))
+            and math.isfinite(m["noise/b_simple"]) and m["noise/b_simple"] > 0]
+
+
+def plot_noise_scale(cells: list[Cell], path: Path, optimizers: tuple[str, ...] = ("lamb", "adamw")) -> Path:
+    """The logged gradient noise scale B_simple against samples seen (log y), one panel per optimizer, one
+    colour per rung of its ladder (the lowest seed drawn solid, other seeds lighter), with the ladder's batch
+    sizes as dashed horizontal lines: a rung above the curve is beyond the measured noise scale."""
+    fig, axes = _panels(len(optimizers), "Gradient noise scale B_simple (McCandlish et al. 2018) against samples seen")
+    for ax, opt in zip(axes, optimizers):
+        rungs = ladder(cells, opt)
+        colors = [f"C{i % 10}" for i in range(len(rungs))]
+        plotted = False
+        for c, color in zip(rungs, colors):
+            for n, r in enumerate(sorted(c.runs, key=lambda r: r["seed"] if r["seed"] is not None else -1)):
+                pts = _noise_points(r)
+                if pts:
+                    ax.plot(*zip(*pts), color=color, alpha=1.0 if n == 0 else 0.35,
+                            label=f"batch {c.batch_schedule}" if n == 0 else None)
+                    plotted = True
+        if plotted:
+            for c, color in zip(rungs, colors):
+                ax.axhline(c.batch, color=color, linestyle="--", linewidth=0.8, alpha=0.7)
+            ax.set_yscale("log")
+            ax.legend(fontsize=7, title="curves: rung; dashed: its batch", title_fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no run logged noise/b_simple", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(opt)
+        ax.set_xlabel("training samples seen")
+        ax.set_ylabel("B_simple (samples)")
+        ax.grid(alpha=0.3)
+    return save_figure(fig, path, dpi=110)

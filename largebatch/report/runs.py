@@ -21,14 +21,17 @@ from omegaconf import OmegaConf
 # runs.csv columns, in order. ``batch``: the global batch of the (last) stage, an int; ``batch_schedule``:
 # the label, "256" for one stage, "512@32/256@64" (batch@seq_len per stage) for several. ``differs_in``: the
 # config keys, seed aside, in which the run differs from other runs of its optimizer (see
-# :func:`mark_differences`). Rows also carry "_dir" (absolute folder) for the plots and provenance, and
-# "_config" (the flattened resolved config) for grouping.
+# :func:`mark_differences`). ``steps_to_target``/``samples_to_target``: when the run's eval loss first reached the
+# table's target loss (set by ``summary.mark_targets``, None = never or no target); ``b_noise``: the gradient noise
+# scale B_simple of the run's last half (see :func:`noise_scale_summary`). Rows also carry "_dir" (absolute
+# folder) for the plots and provenance, "_config" (the flattened resolved config) for grouping, and "_eval" (the
+# eval points of the last stage, see :func:`eval_points`) for the steps to target.
 RUN_COLUMNS = [
     "optimizer", "batch", "batch_schedule", "seq_len", "stages", "seed", "status", "steps", "samples",
     "base_lr", "peak_lr", "scaling_rule", "schedule", "model_size", "final_loss", "eval_loss", "eval_accuracy",
-    "eval_tokens", "downstream_task", "downstream_accuracy", "random_init_accuracy", "downstream_f1",
-    "random_init_f1", "wall_time_s", "samples_per_s", "skipped_steps", "planned_steps", "planned_samples",
-    "differs_in", "note", "run",
+    "eval_tokens", "steps_to_target", "samples_to_target", "b_noise", "downstream_task", "downstream_accuracy",
+    "random_init_accuracy", "downstream_f1", "random_init_f1", "wall_time_s", "samples_per_s", "skipped_steps",
+    "planned_steps", "planned_samples", "differs_in", "note", "run",
 ]
 
 # Config keys that say how a run was executed or recorded, not what it computed: runs that differ only in
@@ -169,11 +172,15 @@ def load_run(run_dir: Path) -> dict:
         "random_init_f1": _finite(down_random.get("f1")),
         "planned_steps": sum(p["total_steps"] for p in plan) if plan else None,
         "planned_samples": sum(p["total_steps"] * p["batch"] for p in plan) if plan else None,
+        "steps_to_target": None,
+        "samples_to_target": None,
+        "b_noise": None,
         "differs_in": "",
         "note": "",
         "run": display_path(run_dir),
         "_dir": run_dir,
         "_config": flatten_config(cfg),
+        "_eval": [],
     }
     if status == "ok":
         row.update(
@@ -181,6 +188,8 @@ def load_run(run_dir: Path) -> dict:
             eval_loss=_finite(summary.get("eval/loss")), eval_accuracy=_finite(summary.get("eval/accuracy")),
             eval_tokens=summary.get("eval/tokens"), wall_time_s=summary.get("wall_time_s"),
             samples_per_s=summary.get("samples_per_s"), skipped_steps=summary.get("skipped_steps"),
+            b_noise=noise_scale_summary(train_lines, summary.get("steps")),
+            _eval=eval_points(metrics, plan[-1]["name"] if len(plan) > 1 else None),
         )
         if summary.get("skipped_steps"):
             row["note"] = f"{summary['skipped_steps']} step(s) skipped (non-finite)"
@@ -193,6 +202,47 @@ def load_run(run_dir: Path) -> dict:
                    samples_per_s=None, skipped_steps=last.get("skipped_steps"))
         row["note"] = _unfinished_note(run_dir, status, recorded, summary, last, row["planned_steps"], bool(plan))
     return row
+
+
+def eval_points(metrics: list[dict], stage: str | None = None) -> list[dict]:
+    """The run's eval points as {"step", "samples", "loss"}, fewest samples first; of ``stage`` only when given
+    (a multi-stage run's last stage: its earlier stages are evaluated at another sequence length, on other
+    held-out sequences, so their losses are not comparable with a single-stage run's)."""
+    points = {}
+    for m in metrics:
+        loss = _finite(m.get("eval/loss"))
+        if loss is None or m.get("samples") is None or (stage is not None and m.get("stage") != stage):
+            continue
+        points[m["samples"]] = {"step": m.get("step"), "samples": m["samples"], "loss": loss}  # a repeat: the last
+    return [points[k] for k in sorted(points)]
+
+
+def noise_scale_summary(train_lines: list[dict], steps: int | None = None) -> float | None:
+    """The run's gradient noise scale: the mean of the logged "noise/b_simple" (B_simple = tr(Sigma) / |G|^2 of
+    McCandlish et al. 2018, in samples) over the log lines of the last half of training (step > steps / 2; the
+    noise scale grows as the loss falls, so the early estimates say little about where training ends). None
+    when the run logged none (an older trainer, or a window that never filled)."""
+    last = steps or max((m.get("step") or 0 for m in train_lines), default=0)
+    values = [m["noise/b_simple"] for m in train_lines
+              if (m.get("step") or 0) > last / 2 and _finite(m.get("noise/b_simple")) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def to_target(points: list[dict], target: float) -> dict | None:
+    """Where the eval loss first reaches ``target`` (loss <= target): {"steps", "samples"} linearly interpolated
+    between the two eval points that bracket the crossing (the last one above the target and the first one at
+    or below it), as in Shallue et al. 2018's steps to result. When the first eval point is already at or below
+    it, that point is returned (nothing earlier to interpolate from; ``first_point`` True). None: never reached."""
+    for i, p in enumerate(points):
+        if p["loss"] > target:
+            continue
+        if i == 0:
+            return {"steps": float(p["step"]), "samples": float(p["samples"]), "first_point": True}
+        q = points[i - 1]
+        t = (q["loss"] - target) / (q["loss"] - p["loss"])
+        return {"steps": q["step"] + t * (p["step"] - q["step"]),
+                "samples": q["samples"] + t * (p["samples"] - q["samples"]), "first_point": False}
+    return None
 
 
 def _status(recorded: dict | None, summary: dict | None) -> str:

@@ -9,15 +9,26 @@ the one with the most batch sizes and say so.
 
 Every sentence of :func:`findings` is computed from the rows; when the rows cannot support a claim
 (missing rungs, one seed) the sentence says that instead of assuming the paper's result.
+
+Besides the end-of-training losses, the findings measure how the ladder scales:
+
+- steps and samples to a target loss (Shallue et al. 2018, "Measuring the Effects of Data Parallelism"): one
+  target for the whole table (:func:`loss_target`), reached by every run at an interpolated step
+  (:func:`mark_targets`), compared with perfect scaling (steps halve when the batch doubles);
+- the gradient noise scale B_simple (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training"),
+  the batch beyond which larger batches stop paying off, logged by the trainer as "noise/b_simple";
+- noise bands: a gap between two cells is only called a difference when it exceeds the seed-to-seed spread
+  (:func:`noise_band`).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from largebatch.report.runs import AXIS_KEYS, key_matches, optimizer_rank, result_config
+from largebatch.report.runs import AXIS_KEYS, key_matches, optimizer_rank, result_config, to_target
 
 MAX_LISTED = 10  # failed runs named in the prose; the 'Every run' table lists all of them
 
@@ -78,6 +89,13 @@ def fmt(x, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def fmt_count(x) -> str:
+    """Steps, samples and batch-like numbers: whole numbers from 100 up, three significant digits below."""
+    if x is None:
+        return "—"
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def group_cells(rows: list[dict]) -> list[Cell]:
     """Finished runs only, one cell per config (seed and bookkeeping keys aside); seeds of a cell are averaged.
     Failed, interrupted and unfinished runs are never pooled."""
@@ -136,10 +154,16 @@ def _describe_change(name: str, ch: dict, tolerance: float) -> str:
 
 
 def findings(rows: list[dict], *, unigram: dict | None = None, candidate: str = "lamb", baseline: str = "adamw",
-             tolerance: float = 0.05) -> list[str]:
+             tolerance: float = 0.05, target_fraction: float = 0.5, scaling_factor: float = 1.5) -> list[str]:
     """Plain-language bullets, each computed from ``rows``. ``tolerance``: the largest rise of the
-    eval loss (nats) from the base to the top rung still called "holding" (a choice, not a result)."""
+    eval loss (nats) from the base to the top rung still called "holding" (a choice, not a result), and the
+    smallest noise band (see :func:`noise_band`). ``target_fraction``: where on the base rungs' runs the target
+    loss is read (see :func:`loss_target`); ``scaling_factor``: how far above perfect scaling the steps to
+    target may be and still count as scaling. Sets the rows' steps and samples to target (see
+    :func:`mark_targets`)."""
     cells = group_cells(rows)
+    target = loss_target(cells, candidate, baseline, target_fraction)
+    mark_targets(rows, target)
     done = [r for r in rows if r["status"] == "ok"]
     out: list[str] = []
     if not done:
@@ -178,9 +202,13 @@ def findings(rows: list[dict], *, unigram: dict | None = None, candidate: str = 
     if any(ch is not None and ch["noise"] is not None and abs(ch["delta"]) < ch["noise"] for ch in changes.values()):
         out.append("At least one of these changes is smaller than its seed-to-seed spread, so the verdict above "
                    "is not a reliable difference.")
-    if any(ch is not None and ch["noise"] is None for ch in changes.values()):
-        out.append("At least one of these cells has a single seed: a difference of this size may be seed noise; "
-                   "run more seeds before drawing a conclusion.")
+    out += _single_seeds([c for name in (candidate, baseline) for c in ladder(cells, name)], candidate, baseline)
+    holds = {name: hold_up_to(cells, name, tolerance) for name in (candidate, baseline)}
+    out += [_describe_hold(name, h, tolerance) for name, h in holds.items() if h is not None]
+    out += _gaps_against_spread(cells, candidate, baseline)
+    out += _steps_to_target(cells, (candidate, baseline), target, scaling_factor)
+    out += _noise_scale(cells, (candidate, baseline), holds)
+    out.append(_verdict(holds, candidate, baseline))  # the ladder's question, answered after its evidence
 
     out += _configurations(cells, candidate, baseline)
     out += _head_to_head(cells, candidate)
@@ -197,6 +225,283 @@ def findings(rows: list[dict], *, unigram: dict | None = None, candidate: str = 
                    + "; ".join(f"{r['optimizer']} batch {r['batch_schedule']} seed {r['seed']} in "
                                f"{Path(r['run']).name} ({r['note']})" for r in shown) + more)
     return out
+
+
+# --- noise bands: a gap is a difference only when it is wider than the seed-to-seed spread
+
+
+def pooled_std(a: Cell, b: Cell, key: str = "eval_loss") -> float | None:
+    """The pooled sample standard deviation of two cells' seeds (sqrt of the variances weighted by their degrees
+    of freedom); a single-seed cell adds nothing to it. None when neither cell has two seeds."""
+    num = dof = 0.0
+    for c in (a, b):
+        v = c.values(key)
+        if len(v) >= 2:
+            num += (len(v) - 1) * statistics.variance(v)
+            dof += len(v) - 1
+    return math.sqrt(num / dof) if dof else None
+
+
+def noise_band(a: Cell, b: Cell, tolerance: float, key: str = "eval_loss") -> float:
+    """How far apart two cells' means may be and still count as the same: max(tolerance, 2 x pooled std). The
+    tolerance alone where there is no spread to measure (single seeds)."""
+    spread = pooled_std(a, b, key)
+    return tolerance if spread is None else max(tolerance, 2 * spread)
+
+
+def hold_up_to(cells: list[Cell], optimizer: str, tolerance: float) -> dict | None:
+    """How far up its ladder an optimizer holds its base rung's eval loss: ``last``, the largest batch up to
+    which every rung's mean is within the noise band of the base rung (a rung better than the base counts as
+    within); ``first_off``, the first rung worse than the base by more than the band, with its gap and band
+    (None when every rung holds). None without two rungs."""
+    rungs = ladder(cells, optimizer)
+    if len(rungs) < 2:
+        return None
+    base, last, first_off = rungs[0], rungs[0], None
+    for c in rungs[1:]:
+        gap, band = c.mean("eval_loss") - base.mean("eval_loss"), noise_band(base, c, tolerance)
+        if gap > band:
+            first_off = {"cell": c, "gap": gap, "band": band, "spread": pooled_std(base, c)}
+            break
+        last = c
+    return {"base": base, "last": last, "top": rungs[-1], "first_off": first_off}
+
+
+def _single_seeds(rungs: list[Cell], candidate: str, baseline: str) -> list[str]:
+    """The caveat for the ladder cells with a single seed (and only for them): their gaps have no spread."""
+    single = [c for c in rungs if len(c.values("eval_loss")) < 2]
+    if not single:
+        return []
+    if len(single) == len(rungs):
+        which = f"Every cell of the {candidate} and {baseline} ladders has a single seed"
+    else:
+        shown = ", ".join(f"{c.optimizer} batch {c.batch_schedule}" for c in single[:MAX_LISTED])
+        which = (f"{'This cell has' if len(single) == 1 else 'These cells have'} a single seed ({shown}"
+                 f"{', ...' if len(single) > MAX_LISTED else ''})")
+    return [f"{which}: a difference of this size may be seed noise; run more seeds before drawing a conclusion."]
+
+
+def _describe_hold(name: str, h: dict, tolerance: float) -> str:
+    base, last, off = h["base"], h["last"], h["first_off"]
+    if off is None:
+        return (f"{name} holds its base rung's eval loss (batch {base.batch_schedule}) within the noise band at "
+                f"every rung up to batch {last.batch_schedule}, the top of its ladder (band: max({fmt(tolerance)} "
+                "tolerance, 2 x the pooled seed std of the two cells)).")
+    where = f"up to batch {last.batch_schedule}" if last is not base else "at no rung above the base"
+    how = (f"band: the {fmt(tolerance)} tolerance, as neither cell has two seeds" if off["spread"] is None
+           else f"band: max({fmt(tolerance)} tolerance, 2 x the pooled seed std {fmt(off['spread'], 2)})")
+    return (f"{name} holds its base rung's eval loss (batch {base.batch_schedule}) within the noise band {where}; "
+            f"batch {off['cell'].batch_schedule} is worse than the base by {off['gap']:.3g}, more than its band "
+            f"{off['band']:.3g} ({how}).")
+
+
+def _gaps_against_spread(cells: list[Cell], candidate: str, baseline: str) -> list[str]:
+    """Candidate against baseline at every shared batch: a gap is beyond the seed spread only when it is larger
+    than both cells' sample standard deviations."""
+    mine = {c.batch_schedule: c for c in ladder(cells, candidate)}
+    theirs = {c.batch_schedule: c for c in ladder(cells, baseline)}
+    shared = [b for b in mine if b in theirs]
+    if not shared or not any(mine[b].std("eval_loss") is not None or theirs[b].std("eval_loss") is not None
+                             for b in shared):
+        return []  # single seeds only: the caveat above says so
+    clauses = []
+    for b in shared:
+        gap = theirs[b].mean("eval_loss") - mine[b].mean("eval_loss")  # > 0: the candidate is better
+        spreads = (mine[b].std("eval_loss"), theirs[b].std("eval_loss"))
+        if None in spreads:
+            against = "a single seed on one side, so no spread to compare"
+        else:
+            shown = f"({fmt(spreads[0], 2)}, {fmt(spreads[1], 2)})"
+            against = (f"beyond the seed spread {shown}" if abs(gap) > max(spreads)
+                       else f"within the seed spread {shown}")
+        if gap == 0:
+            clauses.append(f"{candidate} and {baseline} are equal at batch {b}")
+            continue
+        better, worse = (candidate, baseline) if gap > 0 else (baseline, candidate)
+        clauses.append(f"{better} is better than {worse} by {abs(gap):.3g} at batch {b}, {against}")
+    return [f"{candidate} vs {baseline} at each shared batch (seed spread: the sample std of each cell): "
+            + "; ".join(clauses) + "."]
+
+
+def _verdict(holds: dict, candidate: str, baseline: str) -> str:
+    """The question the ladder asks: does the candidate hold its loss further up than the baseline?"""
+    cand, base = holds[candidate], holds[baseline]
+    if cand is None or base is None:
+        missing = " and ".join(n for n, h in holds.items() if h is None)
+        return (f"Verdict: cannot say whether {candidate} holds its loss further up the ladder than {baseline}: "
+                f"no two rungs for {missing}.")
+    c, b = cand["last"].batch, base["last"].batch
+    if c > b:
+        if base["last"] is base["top"]:
+            return (f"Verdict: cannot tell whether {candidate} holds its loss further up the ladder than {baseline}: "
+                    f"{candidate} holds up to batch {c}, but {baseline}'s ladder stops at batch {b}, where it "
+                    "still holds.")
+        return (f"Verdict: yes, {candidate} holds its loss further up the ladder than {baseline}: within its noise "
+                f"band up to batch {c}, {baseline} only up to batch {b}.")
+    if c == b:
+        return (f"Verdict: no, {candidate} does not hold its loss further up the ladder than {baseline}: both stay "
+                f"within their noise bands up to batch {c}.")
+    return (f"Verdict: no, {candidate} does not hold its loss further up the ladder than {baseline}; {baseline} "
+            f"holds further (up to batch {b}) than {candidate} (up to batch {c}).")
+
+
+# --- steps and samples to a target loss (Shallue et al. 2018)
+
+
+def _point_near(points: list[dict], samples: float) -> dict | None:
+    """The eval point closest to ``samples`` (ties: the earlier one, min keeps the first)."""
+    return min(points, key=lambda p: abs(p["samples"] - samples)) if points else None
+
+
+def loss_target(cells: list[Cell], candidate: str = "lamb", baseline: str = "adamw",
+                fraction: float = 0.5) -> dict | None:
+    """One target eval loss for the whole table. For the candidate and the baseline: the base rung of its
+    ladder (smallest batch), its eval loss at the eval point closest to ``fraction`` of each run's sample
+    budget, averaged over seeds; the target is the larger (worse) of the two, so both base rungs reach it.
+    {"loss", "fraction", "from" (the optimizer it came from), "seq_len", "sources": {optimizer: {"batch",
+    "loss", "samples" (the eval points used), "seeds"}}}; None when neither has eval points."""
+    sources = {}
+    for name in (candidate, baseline):
+        rungs = ladder(cells, name)
+        if not rungs:
+            continue
+        base = rungs[0]
+        picked = [_point_near(r.get("_eval") or [], fraction * r["samples"]) for r in base.runs if r.get("samples")]
+        picked = [p for p in picked if p is not None]
+        if picked:
+            sources[name] = {"batch": base.batch_schedule, "loss": statistics.fmean(p["loss"] for p in picked),
+                             "samples": sorted({p["samples"] for p in picked}), "seeds": len(picked),
+                             "seq_len": base.seq_len}
+    if not sources:
+        return None
+    chosen = max(sources, key=lambda n: sources[n]["loss"])
+    return {"loss": sources[chosen]["loss"], "fraction": fraction, "from": chosen,
+            "seq_len": sources[chosen]["seq_len"], "sources": sources}
+
+
+def mark_targets(rows: list[dict], target: dict | None) -> None:
+    """Set every finished run's ``steps_to_target`` and ``samples_to_target`` (None: never reached, or no
+    target, or evaluated at another sequence length than the target's, so on other held-out sequences).
+    ``_target_at_first_eval`` flags a run already at the target by its first eval point (an upper bound)."""
+    for r in rows:
+        hit = None
+        if target is not None and r["status"] == "ok" and r.get("seq_len") == target["seq_len"]:
+            hit = to_target(r.get("_eval") or [], target["loss"])
+        r["steps_to_target"] = hit["steps"] if hit else None
+        r["samples_to_target"] = hit["samples"] if hit else None
+        r["_target_at_first_eval"] = bool(hit and hit["first_point"])
+
+
+def target_text(cell: Cell, key: str, target: dict | None) -> str:
+    """A cell's steps or samples to target: the mean over the seeds that reached it (± their std), with
+    "k/n seeds reached it" when not all did; "never" when none did; "—" when no target applies."""
+    if target is None or cell.seq_len != target["seq_len"]:
+        return "—"
+    reached, n = cell.values(key), len(cell.runs)
+    if not reached:
+        return "never"
+    std = cell.std(key)
+    shown = fmt_count(cell.mean(key)) + (f" ± {fmt_count(std)}" if std is not None else "")
+    return shown if len(reached) == n else f"{shown} ({len(reached)}/{n} seeds reached it)"
+
+
+def _steps_to_target(cells: list[Cell], names, target: dict | None, factor: float) -> list[str]:
+    if target is None:
+        return []
+    out = []
+    for name in names:
+        rungs = ladder(cells, name)
+        if len(rungs) >= 2:
+            out.append(_perfect_scaling(name, rungs, factor))
+    early = [r for c in cells for r in c.runs if r.get("_target_at_first_eval")]
+    if early:
+        shown = "; ".join(f"{r['optimizer']} batch {r['batch_schedule']} seed {r['seed']}" for r in early[:MAX_LISTED])
+        out.append(f"{len(early)} run(s) were already at the target loss at their first eval point ({shown}"
+                   f"{'; ...' if len(early) > MAX_LISTED else ''}): their steps and samples to target are that "
+                   "point's, an upper bound; evaluate more often to resolve them.")
+    return out
+
+
+def _perfect_scaling(name: str, rungs: list[Cell], factor: float) -> str:
+    """Up to which batch the steps to target stay within ``factor`` of perfect scaling (the base rung's steps x
+    base batch / batch), and the speed-up in steps from the base to the largest batch that reached the target."""
+    base = rungs[0]
+    base_steps = base.mean("steps_to_target")
+    if base_steps is None:
+        return f"{name}: its base rung (batch {base.batch_schedule}) never reached the target loss."
+    last, off = base, None
+    for c in rungs[1:]:
+        steps = c.mean("steps_to_target")
+        ratio = None if steps is None else steps / (base_steps * base.batch / c.batch)
+        if ratio is None or ratio > factor:
+            off = (f"batch {c.batch_schedule} never reached the target" if ratio is None
+                   else f"at batch {c.batch_schedule} they are {ratio:.3g}x the perfect-scaling count")
+            break
+        last = c
+    if off is None:
+        text = (f"{name}: steps to target stay within {fmt(factor)}x of perfect scaling (steps halve when the "
+                f"batch doubles) up to batch {last.batch_schedule}, the top of its ladder.")
+    else:
+        where = f"up to batch {last.batch_schedule}" if last is not base else "at no rung above its base"
+        text = (f"{name}: steps to target stay within {fmt(factor)}x of perfect scaling (steps halve when the "
+                f"batch doubles) {where}; {off}.")
+    top = [c for c in rungs if c.mean("steps_to_target") is not None][-1]
+    if top is not base:
+        top_steps = top.mean("steps_to_target")
+        text += (f" From batch {base.batch_schedule} to {top.batch_schedule} (the largest batch that reached it) the "
+                 f"steps to target fall from {fmt_count(base_steps)} to {fmt_count(top_steps)}: a "
+                 f"{base_steps / top_steps:.3g}x speed-up in steps (perfect scaling: {top.batch / base.batch:g}x).")
+    return text
+
+
+# --- the gradient noise scale (McCandlish et al. 2018)
+
+
+def _noise_scale(cells: list[Cell], names, holds: dict) -> list[str]:
+    """The workload's measured critical batch (B_simple of each base rung, end of training) and where the
+    ladder's rungs and its loss degradation sit relative to it."""
+    out = []
+    for name in names:
+        rungs = ladder(cells, name)
+        measured = rungs[0].values("b_noise") if rungs else []
+        if not measured:
+            continue
+        base, b_noise = rungs[0], statistics.fmean(measured)
+        spread = (f"range {fmt_count(min(measured))} to {fmt_count(max(measured))} over {len(measured)} seeds"
+                  if len(measured) >= 2 else "one seed")
+        text = (f"Measured critical batch ({name}): the gradient noise scale B_simple of its base rung (batch "
+                f"{base.batch_schedule}), averaged over the last half of training, is ~{fmt_count(b_noise)} samples "
+                f"({spread}).")
+        beyond = [c for c in rungs if c.batch > b_noise]
+        if beyond:
+            listed = ", ".join(c.batch_schedule for c in beyond)
+            text += (f" {'Rungs' if len(beyond) > 1 else 'Rung'} {listed} {'lie' if len(beyond) > 1 else 'lies'} "
+                     f"beyond the measured noise scale (~{fmt_count(b_noise)} samples).")
+        else:
+            text += (f" No rung of its ladder lies beyond it: the largest batch, {rungs[-1].batch_schedule}, is "
+                     "below the measured noise scale.")
+        h = holds.get(name)
+        if h is not None:
+            off = h["first_off"]["cell"] if h["first_off"] else None
+            first_beyond = beyond[0] if beyond else None
+            text += (f" The first rung worse than the base by more than the seed band is "
+                     f"{off.batch_schedule if off else 'none'}, the first beyond B_noise is "
+                     f"{first_beyond.batch_schedule if first_beyond else 'none'}"
+                     f"{_degradation_vs_noise(off, first_beyond)}.")
+        out.append(text)
+    return out
+
+
+def _degradation_vs_noise(off: Cell | None, beyond: Cell | None) -> str:
+    """Whether the loss starts to degrade where the ladder crosses the noise scale (a fact, not a cause)."""
+    if off is None:
+        return ": no rung degrades" + ("" if beyond is None else ", even beyond the noise scale")
+    if beyond is None:
+        return ": the loss degrades although no rung is beyond the noise scale"
+    if off is beyond:
+        return ": the degradation starts at the first rung beyond the noise scale"
+    return (": the degradation starts below the noise scale" if off.batch < beyond.batch
+            else ": the degradation starts only above the first rung beyond the noise scale")
 
 
 def _differing_keys(configs: list[dict]) -> list[str]:

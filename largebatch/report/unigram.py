@@ -62,10 +62,12 @@ def unigram_baseline_from_data(data, max_eval_samples: int | None = None) -> dic
 
 
 def unigram_baseline_from_run(run_dir: Path) -> dict:
-    """Rebuild (or load from the cache) the data a run's config.yaml defines and score the unigram on
-    the eval sequences that run scored: its last stage's sequence length, and with ``eval_max_batches``
-    set, the first world_size * eval_max_batches * micro_batch sequences (what ``train.evaluate`` takes).
-    ``matches_run_eval_tokens`` says whether the masked-token count equals the run's own eval/tokens."""
+    """Rebuild (or load from the cache) the data a run's config.yaml defines and score the unigram on exactly
+    the held-out tokens that run scored: the eval sequences at its last stage's sequence length, the first
+    ``eval_max_batches x eval_batch`` of them (all when eval_max_batches is null), with their fixed masks, as
+    ``largebatch.tasks.base.evaluate_samples`` takes them (the same whatever the world size or micro-batch).
+    ``run_eval_tokens``: the run's own eval/tokens (summary.json); ``matches_run_eval_tokens`` whether the two
+    counts are equal (None without a summary)."""
     from omegaconf import OmegaConf
 
     from largebatch.data import build_mlm_data
@@ -76,13 +78,15 @@ def unigram_baseline_from_run(run_dir: Path) -> dict:
     cfg = OmegaConf.load(run_dir / "config.yaml")
     plan = read_json(run_dir / "plan.json")
     seq_len = plan[-1]["seq_len"] if plan else cfg.data.seq_len
-    max_eval = None
-    if cfg.get("eval_max_batches") is not None:
-        if not plan:
-            raise FileNotFoundError(f"{run_dir} has no plan.json: cannot tell which eval batches it scored")
-        max_eval = plan[-1]["world_size"] * cfg.eval_max_batches * plan[-1]["micro_batch"]
     data = build_mlm_data(cfg.data, cfg.model.vocab_size, seq_len, cfg.seed)
-    result = unigram_baseline_from_data(data, max_eval)
+    result = unigram_baseline_from_data(data, eval_limit(cfg))
     run_tokens = (read_json(run_dir / "summary.json") or {}).get("eval/tokens")
-    return {**result, "seq_len": seq_len, "source": str(run_dir),
+    return {**result, "seq_len": seq_len, "source": str(run_dir), "run_eval_tokens": run_tokens,
             "matches_run_eval_tokens": None if run_tokens is None else run_tokens == result["eval_tokens"]}
+
+
+def eval_limit(cfg) -> int | None:
+    """How many held-out sequences a run of ``cfg`` evaluates: eval_max_batches x eval_batch (None: all), the
+    limit of ``evaluate_samples``."""
+    max_batches = cfg.get("eval_max_batches")
+    return None if max_batches is None else int(max_batches) * int(cfg.eval_batch)

@@ -81,6 +81,17 @@ class Task:
         micro-batch's position within the step, for tasks that keep state per slot."""
         return model(**micro_batch)
 
+    def half_batch(self, micro_batch: dict) -> dict | None:
+        """The first half of a micro-batch (the gradient noise scale's small batch, largebatch/noise.py);
+        None when it holds a single sample."""
+        n = next(iter(micro_batch.values())).shape[0]
+        return None if n < 2 else {k: v[: n // 2] for k, v in micro_batch.items()}
+
+    def probe_forward(self, model: nn.Module, micro_batch: dict, slot: int) -> dict:
+        """:meth:`forward` for a measurement outside training (the noise probe): it must leave any state
+        the task carries between steps untouched."""
+        return model(**micro_batch)
+
     # ------------------------------------------------------------------ evaluation and records
     def evaluate(self, model: nn.Module, accelerator, plan) -> dict:
         raise NotImplementedError

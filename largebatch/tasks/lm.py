@@ -109,6 +109,16 @@ class LanguageModelTask(Task):
         self.states[slot] = tuple(s.detach() for s in out.pop("state"))
         return out
 
+    def probe_forward(self, model, micro_batch, slot):
+        """The first streams of ``slot`` from their carried state, which is left as it was."""
+        n = micro_batch["inputs"].shape[0]
+        state = self.states.get(slot)
+        if state is not None:
+            state = tuple(t[:, :n].to(micro_batch["inputs"].device) for t in state)
+        out = model(micro_batch["inputs"], micro_batch["targets"], state)
+        out.pop("state")
+        return out
+
     @torch.no_grad()
     def evaluate(self, model, accelerator, plan) -> dict:
         model = accelerator.unwrap_model(model)

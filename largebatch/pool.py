@@ -1,0 +1,28 @@
+"""Runs in worker processes, for drivers that keep several runs going at once (scripts/reproduce_*.py).
+
+A CPU run of a small model leaves cores idle between its small matmuls; two runs with one torch thread
+each use two cores better than one run with two (measured in experiments/lamb_table1/README.md).
+Workers are spawned, not forked: a forked copy of a process whose OpenMP pool is running can hang.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+
+def train_in_worker(overrides: list[str], run_dir: str, threads: int) -> dict:
+    """One ``lb-train`` run: {"summary": ...}, or {"error": ...} for a run that failed with a largebatch
+    error (a non-finite loss, a config problem); anything else propagates to the caller."""
+    import torch
+
+    from largebatch.config import compose
+    from largebatch.errors import LargebatchError
+    from largebatch.train import train
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING, force=True)
+    try:
+        return {"summary": train(compose(overrides), Path(run_dir))}
+    except LargebatchError as error:
+        return {"error": f"{type(error).__name__}: {error}"}
