@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 SCALE ?= small
-SEEDS ?= 1
+SEEDS ?=
+JOBS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install train smoke test test-slow lint bench clean reproduce-table1
@@ -31,8 +32,8 @@ $(STAMP): pyproject.toml scripts/install_system_data.sh
 train: $(STAMP) ## the main job: BERT masked-LM on the bundled corpus, prints eval metrics
 	$(BIN)/lb-train
 
-reproduce-table1: $(STAMP) ## LAMB Table 1: SCALE=smoke|small|paper (small -> results/lamb_table1/), SEEDS=n; rerun resumes
-	$(PY) scripts/reproduce_table1.py --scale $(SCALE) --seeds $(SEEDS)
+reproduce-table1: $(STAMP) ## LAMB Table 1: SCALE=smoke|quick|small|gpu (small -> results/lamb_table1/), SEEDS=n, JOBS=n; rerun resumes
+	$(PY) scripts/reproduce_table1.py --scale $(SCALE) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS))
 
 smoke: $(STAMP) ## a few seconds of training on a tiny config
 	$(BIN)/lb-train scale=tiny progress=false

@@ -81,6 +81,16 @@ SCALES = {
         sweep=dict(fraction=0.25, max_widen=4,
                    grid={"lamb": [1e-3, 3e-3, 1e-2], "adamw": [1e-4, 3e-4, 1e-3], "lars_paper": [1e-3, 3e-3, 1e-2]}),
         mixed=[*MIXED_SEQ, "stages.1.warmup_fraction=0.128"], lrs=None, finetune=["--threads", "1"]),
+    "gpu": dict(  # one CUDA device, planned for under 10 minutes (never run yet: experiments/lamb_table1/README.md)
+        ladder=[32, 64, 128, 256, 512, 1024, 2048], seeds=1, lars=[32, 256, 2048], results="results/lamb_table1_gpu",
+        jobs=1, checkpoint_every=1.0,
+        train=["model.size=mini", "data.seq_len=128", "data.train_multiple_of=2048", "scaling.ref_batch=32",
+               "epochs=8", "schedule.warmup_epochs=0.025", "eval_every_epochs=0.5", "micro_batch=2048",
+               "eval_batch=256", "eval_max_batches=4"],
+        sweep=dict(fraction=0.25, max_widen=2,
+                   grid={"lamb": [3e-3, 1e-2, 3e-2], "adamw": [3e-4, 1e-3, 3e-3], "lars_paper": [3e-3, 1e-2, 3e-2]}),
+        mixed=["stages.0.batch=4096", "stages.1.batch=2048", "stages.0.seq_len=64", "stages.1.seq_len=128",
+               "stages.1.warmup_fraction=0.128"], lrs=None, finetune=["--threads", "0"]),
 }
 log = logging.getLogger("reproduce_table1")
 
@@ -138,12 +148,14 @@ class Runner:
     """Runs jobs: in this process (``jobs=1``) or in a pool of ``jobs`` spawned processes with
     ``threads`` torch threads each. Every run is skipped, resumed or started per :func:`run_action`."""
 
-    def __init__(self, out: Path, jobs: int = 1, threads: int | None = None):
+    def __init__(self, out: Path, jobs: int = 1, threads: int | None = None,
+                 checkpoint_every: float = CHECKPOINT_EVERY_EPOCHS):
         self.out, self.jobs, self.steps, self.run_dirs = out, jobs, [], []
+        self.checkpoint = [f"checkpoint_every_epochs={checkpoint_every}"]
         self.threads = threads or max(1, (os.cpu_count() or 1) // jobs)
 
     def prepare(self, job: Job) -> Job:
-        job.overrides = [f"experiment={job.experiment}", "progress=false", *job.overrides, *CHECKPOINT_OVERRIDES]
+        job.overrides = [f"experiment={job.experiment}", "progress=false", *job.overrides, *self.checkpoint]
         job.action = run_action(job.run_dir)
         if job.action == "resume":
             job.overrides += RESUME_OVERRIDES
@@ -292,7 +304,7 @@ class Clock:
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", choices=[*SCALES, "gpu", "paper"], default="small")
+    parser.add_argument("--scale", choices=[*SCALES, "paper"], default="small")
     parser.add_argument("--seeds", type=int, default=None, help="seeds of every LAMB and AdamW rung "
                         "(default: the scale's: 2 at small, 1 at quick and smoke)")
     parser.add_argument("--jobs", type=int, default=None, help="runs at a time, one process and cores/jobs "
@@ -301,12 +313,15 @@ def main(argv=None) -> Path:
     parser.add_argument("--work", help="folder for the runs themselves (default: outputs/lamb_table1/<scale>); "
                         "a second call with the same folder skips finished runs and resumes unfinished ones")
     args = parser.parse_args(argv)
-    if args.scale in ("gpu", "paper"):
-        what = ("SCALE=gpu needs a CUDA device: its preset and plan are in experiments/lamb_table1/README.md "
-                "(`lb-plan experiment=lamb_table1_gpu ...`)" if args.scale == "gpu" else
-                "SCALE=paper needs GPUs/TPUs and the paper's data: run the `accelerate launch` commands of "
-                "experiments/lamb_table1/README.md (and `lb-plan experiment=lamb_table1_paper ...` to see them)")
-        sys.exit(what)
+    if args.scale == "paper":
+        sys.exit("SCALE=paper needs GPUs/TPUs and the paper's data: run the `accelerate launch` commands of "
+                 "experiments/lamb_table1/README.md (and `lb-plan experiment=lamb_table1_paper ...` to see them)")
+    if args.scale == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("SCALE=gpu trains on one CUDA device and this machine has none; its plan: `lb-plan "
+                     "experiment=lamb_table1 " + " ".join(SCALES["gpu"]["train"]) + " batch=32,2048`")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     scale = SCALES[args.scale]
     out = Path(args.work) if args.work else REPO / "outputs" / "lamb_table1" / args.scale
@@ -323,7 +338,7 @@ def main(argv=None) -> Path:
 def _reproduce(args, scale: dict, out: Path, clock: Clock) -> Path:
     runs = out / "runs"
     jobs = args.jobs or scale.get("jobs") or os.cpu_count() or 1
-    runner = Runner(out, jobs=jobs)
+    runner = Runner(out, jobs=jobs, checkpoint_every=scale.get("checkpoint_every", CHECKPOINT_EVERY_EPOCHS))
     seeds = list(range(args.seeds if args.seeds is not None else scale["seeds"]))
     log.info("%s: %d job(s) at a time, %d torch thread(s) each; seeds %s", args.scale, jobs, runner.threads, seeds)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -157,3 +158,36 @@ def test_a_finished_run_with_another_config_is_refused_not_skipped(driver, tmp_p
     assert runner.train(["scale=tiny", "optimizer=lamb", "batch=8", "optimizer.lr=0.5"], run)["eval/loss"] == 4.0
     with pytest.raises(ConfigError, match=r"holds a run made with another config \(optimizer\.lr: 0\.5 in the run"):
         runner.train(["scale=tiny", "optimizer=lamb", "batch=8"], run)
+
+
+def test_next_lr_walks_the_half_decade_grid(driver):
+    assert [driver.next_lr(x, up=True) for x in (1e-3, 3e-3, 1e-2, 3e-4)] == [3e-3, 1e-2, 3e-2, 1e-3]
+    assert [driver.next_lr(x, up=False) for x in (1e-3, 3e-3, 1e-2, 3e-4)] == [3e-4, 1e-3, 3e-3, 1e-4]
+
+
+def test_the_sweep_widens_past_an_edge_until_its_best_is_interior(driver, tmp_path, monkeypatch):
+    """A loss whose minimum (lr 0.03 for lamb) lies above the grid: the grid grows upward until the best lr
+    has a worse neighbour on both sides; a diverged run (inf) is never the best; adamw's grid already holds
+    its minimum and is left alone; a loss falling forever stops at max_widen, recorded as not interior."""
+    optimum = {"lamb": 3e-2, "adamw": 3e-4, "lars_paper": 1.0}
+    ran = []
+
+    def fake_run_many(self, jobs, in_process=False):
+        out = []
+        for job in jobs:
+            opt = next(o.split("=")[1] for o in job.overrides if o.startswith("optimizer="))
+            lr = float(next(o.split("=")[1] for o in job.overrides if o.startswith("optimizer.lr=")))
+            ran.append((opt, lr))
+            diverged = opt == "lamb" and lr >= 0.3
+            out.append(None if diverged else {"eval/loss": 5 + abs(math.log10(lr / optimum[opt]))})
+        return out
+
+    monkeypatch.setattr(driver.Runner, "run_many", fake_run_many)
+    scale = dict(driver.SCALES["small"], sweep=dict(fraction=0.25, max_widen=3, grid={
+        "lamb": [1e-3, 3e-3, 1e-2], "adamw": [1e-4, 3e-4, 1e-3], "lars_paper": [1e-3, 3e-3, 1e-2]}))
+    chosen, record = driver.sweep_base_lrs(driver.Runner(tmp_path), scale)
+    assert chosen == {"lamb": 3e-2, "adamw": 3e-4, "lars_paper": 0.3}  # 3 widenings: 0.03, 0.1, 0.3
+    assert list(record["lamb"]["eval_loss_by_lr"]) == ["0.001", "0.003", "0.01", "0.03", "0.1"]
+    assert record["lamb"]["interior"] and record["adamw"]["interior"] and not record["lars_paper"]["interior"]
+    assert len(ran) == len(set(ran))  # no run twice
+    assert sorted(lr for opt, lr in ran if opt == "adamw") == [1e-4, 3e-4, 1e-3]
