@@ -26,37 +26,39 @@ scored are kept. To start over, delete the work folder or pass another --work.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import multiprocessing
 import os
 import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from omegaconf import OmegaConf  # noqa: E402
-
-from largebatch import downstream, report  # noqa: E402
+# The generic machinery lives in largebatch/drivers.py (shared with scripts/reproduce_legw.py); its names stay
+# importable from here.
+from largebatch import downstream, drivers, report  # noqa: E402
 from largebatch.config import compose  # noqa: E402
+from largebatch.drivers import (  # noqa: E402, F401
+    CHECKPOINT_EVERY_EPOCHS,
+    CHECKPOINT_OVERRIDES,
+    RESUME_OVERRIDES,
+    Clock,
+    Job,
+    config_changes,
+    finite_or_inf,
+    next_lr,
+    rel,
+    run_action,
+    train,
+    widening_sweep,
+)
 from largebatch.errors import ConfigError, LargebatchError, fail  # noqa: E402
 from largebatch.fileio import atomic_write_json  # noqa: E402
-from largebatch.pool import train_in_worker  # noqa: E402
-from largebatch.report.runs import BOOKKEEPING_KEYS, flatten_config, key_matches, read_json  # noqa: E402
-from largebatch.train import train  # noqa: E402
-
-# What makes a run resumable, passed to the trainer (issue 12, item 1): periodic checkpoints on every run,
-# and `resume=auto` for a run folder that holds an unfinished run (newest complete checkpoint, or a fresh
-# start in that folder when it has none).
-CHECKPOINT_EVERY_EPOCHS = 0.1
-CHECKPOINT_OVERRIDES = [f"checkpoint_every_epochs={CHECKPOINT_EVERY_EPOCHS}"]
-RESUME_OVERRIDES = ["resume=auto"]
+from largebatch.report.runs import read_json  # noqa: E402
 
 # The ladder's budget at seq 32 (experiment=lamb_table1): 1/3 epoch = 38,912 samples at every rung.
 SMALL_LADDER = [2, 4, 8, 16, 32, 64, 128]
@@ -95,185 +97,34 @@ SCALES = {
 log = logging.getLogger("reproduce_table1")
 
 
-def rel(path: Path) -> str:
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+class Runner(drivers.Runner):
+    """:class:`largebatch.drivers.Runner` whose jobs run ``experiment=lamb_table1`` unless they name another."""
 
-
-def run_action(run_dir: Path) -> str:
-    """What to do with one run folder of the driver: "skip", "diverged", "resume" or "start".
-
-    skip: status.json says "finished" (the trainer writes it last) and summary.json is there, or, for a run
-    of a trainer that wrote no status.json, summary.json is there (that trainer wrote it last).
-    diverged: status.json says "failed" on a non-finite loss; the same run would diverge again.
-    resume: the folder holds anything else (status running/failed/interrupted, or records without a
-    status): the trainer continues it from its newest complete checkpoint, or starts it afresh there.
-    start: no folder, or an empty one.
-    """
-    run_dir = Path(run_dir)
-    status = read_json(run_dir / "status.json")
-    finished = (run_dir / "summary.json").is_file()
-    if isinstance(status, dict):
-        if status.get("status") == "failed" and str(status.get("error", "")).startswith("NonFiniteError"):
-            return "diverged"
-        return "skip" if status.get("status") == "finished" and finished else "resume"
-    if finished and not (run_dir / "status.json").exists():
-        return "skip"
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        return "resume"
-    return "start"
-
-
-def config_changes(run_dir: Path, cfg) -> list[str]:
-    """How the config saved in ``run_dir`` differs from ``cfg`` (bookkeeping keys such as resume aside)."""
-    if not (Path(run_dir) / "config.yaml").is_file():
-        return []
-    saved = flatten_config(OmegaConf.to_container(OmegaConf.load(Path(run_dir) / "config.yaml"), resolve=True))
-    wanted = flatten_config(OmegaConf.to_container(cfg, resolve=True))
-    return [f"{k}: {saved.get(k)!r} in the run, {wanted.get(k)!r} now" for k in sorted(saved.keys() | wanted.keys())
-            if not key_matches(k, BOOKKEEPING_KEYS) and saved.get(k) != wanted.get(k)]
-
-
-@dataclass
-class Job:
-    overrides: list[str]
-    run_dir: Path
-    experiment: str = "lamb_table1"
-    command: str = ""
-    action: str = ""
-    cfg: object = field(default=None, repr=False)
-    steps: int = 0  # planned optimizer steps: the pool starts the longest runs first
-
-
-class Runner:
-    """Runs jobs: in this process (``jobs=1``) or in a pool of ``jobs`` spawned processes with
-    ``threads`` torch threads each. Every run is skipped, resumed or started per :func:`run_action`."""
-
-    def __init__(self, out: Path, jobs: int = 1, threads: int | None = None,
-                 checkpoint_every: float = CHECKPOINT_EVERY_EPOCHS):
-        self.out, self.jobs, self.steps, self.run_dirs = out, jobs, [], []
-        self.checkpoint = [f"checkpoint_every_epochs={checkpoint_every}"]
-        self.threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-
-    def prepare(self, job: Job) -> Job:
-        job.overrides = [f"experiment={job.experiment}", "progress=false", *job.overrides, *self.checkpoint]
-        job.action = run_action(job.run_dir)
-        if job.action == "resume":
-            job.overrides += RESUME_OVERRIDES
-        job.cfg = compose(job.overrides)
-        changes = config_changes(job.run_dir, job.cfg) if job.action != "start" else []
-        if changes:
-            raise ConfigError(
-                f"{rel(job.run_dir)} holds a run made with another config ({'; '.join(changes[:3])}): pass another "
-                f"--work folder, or delete {rel(job.run_dir)} to run it again"
-            )
-        job.command = "lb-train " + " ".join(job.overrides)
-        samples = job.cfg.epochs * (job.cfg.data.get("train_samples") or 1)
-        job.steps = int(samples / job.cfg.batch) if not job.cfg.stages else 0
-        self.run_dirs.append(job.run_dir)
-        return job
-
-    def _record(self, job: Job, seconds: float | None = None, error: str | None = None) -> None:
-        step = {"command": job.command, "run_dir": rel(job.run_dir), "action": job.action}
-        if seconds is not None:
-            step["seconds"] = round(seconds, 1)
-        if error:
-            step["error"] = error
-        self.steps.append(step)
-
-    def train(self, overrides: list[str], run_dir: Path, experiment: str = "lamb_table1") -> dict | None:
-        """One run in this process (the summary; None for a run that diverged)."""
-        return self.run_many([Job(overrides, run_dir, experiment)], in_process=True)[0]
-
-    def run_many(self, jobs: list[Job], in_process: bool = False) -> list[dict | None]:
-        """Every job's summary (None where the run diverged or failed), in the order given."""
-        jobs = [self.prepare(job) for job in jobs]
-        results: list[dict | None] = [None] * len(jobs)
-        todo = []
-        for i, job in enumerate(jobs):
-            if job.action in ("skip", "diverged"):
-                log.info("= %s hydra.run.dir=%s: %s earlier, skipped", job.command, rel(job.run_dir),
-                         "finished" if job.action == "skip" else "diverged")
-                self._record(job)
-                if job.action == "skip":
-                    results[i] = json.loads((job.run_dir / "summary.json").read_text())
-            else:
-                todo.append(i)
-        if in_process or self.jobs == 1:
-            for i in todo:
-                results[i] = self._run_here(jobs[i])
-            return results
-        with ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            started = {}
-            for i in sorted(todo, key=lambda i: -jobs[i].steps):  # longest first: the pool ends together
-                log.info("+ %s hydra.run.dir=%s%s", jobs[i].command, rel(jobs[i].run_dir),
-                         " (resuming)" if jobs[i].action == "resume" else "")
-                started[i] = (pool.submit(train_in_worker, jobs[i].overrides, str(jobs[i].run_dir), self.threads),
-                              time.perf_counter())
-            for i, (future, t0) in started.items():
-                outcome = future.result()
-                self._record(jobs[i], time.perf_counter() - t0, outcome.get("error"))
-                if "error" in outcome:
-                    log.warning("run %s failed: %s", rel(jobs[i].run_dir), outcome["error"][:300])
-                results[i] = outcome.get("summary")
-        return results
-
-    def _run_here(self, job: Job) -> dict | None:
-        log.info("+ %s hydra.run.dir=%s%s", job.command, rel(job.run_dir),
-                 " (resuming)" if job.action == "resume" else "")
-        started = time.perf_counter()
-        try:
-            summary = train(job.cfg, job.run_dir)
-        except LargebatchError as error:
-            if run_action(job.run_dir) != "diverged":
-                raise
-            self._record(job, time.perf_counter() - started, f"{type(error).__name__}: {error}")
-            log.warning("run %s diverged: %s", rel(job.run_dir), error)
-            return None
-        self._record(job, time.perf_counter() - started)
-        return summary
-
-
-def next_lr(lr: float, up: bool) -> float:
-    """The neighbour of ``lr`` on the half-decade grid 1, 3, 10, 30, ... (x 10^k)."""
-    exponent = math.floor(math.log10(lr) + 1e-9)
-    mantissa = lr / 10 ** exponent
-    if up:
-        return float(f"{(3 if mantissa < 2 else 10) * 10 ** exponent:.0e}")
-    return float(f"{(1 if mantissa > 2 else 0.3) * 10 ** exponent:.0e}")
+    default_experiment = "lamb_table1"
 
 
 def sweep_base_lrs(runner: Runner, scale: dict) -> tuple[dict, dict]:
     """The base lr of every optimizer: its grid at the base batch, widened past an edge that holds the best
-    final eval loss (a diverged run counts as infinitely bad), up to ``max_widen`` times."""
+    final eval loss (a diverged run counts as infinitely bad), up to ``max_widen`` times
+    (:func:`largebatch.drivers.widening_sweep`)."""
     sweep = scale["sweep"]
     epochs = round(sweep["fraction"] * compose(["experiment=lamb_table1"]).epochs, 9)
     base = scale["ladder"][0]
-    grid = {opt: sorted(lrs) for opt, lrs in sweep["grid"].items()}
-    losses: dict[str, dict[float, float]] = {opt: {} for opt in grid}
-    for round_ in range(sweep["max_widen"] + 1):
-        todo = [(opt, lr) for opt, lrs in grid.items() for lr in lrs if lr not in losses[opt]]
+
+    def run(todo: list[tuple[str, float]]) -> list[float]:
         jobs = [Job([*scale["train"], f"optimizer={opt}", f"batch={base}", f"epochs={epochs}", "save_checkpoint=false",
                      f"optimizer.lr={lr}"], runner.out / "lr_sweep" / opt / f"optimizer.lr={lr:g}") for opt, lr in todo]
-        for (opt, lr), summary in zip(todo, runner.run_many(jobs)):
-            loss = (summary or {}).get("eval/loss")
-            losses[opt][lr] = loss if loss is not None and math.isfinite(loss) else math.inf
-        widened = False
-        for opt, lrs in grid.items():
-            best = min(lrs, key=lambda lr: losses[opt][lr])
-            if best in (lrs[0], lrs[-1]) and round_ < sweep["max_widen"]:
-                lrs.append(next_lr(best, up=best == lrs[-1]))
-                lrs.sort()
-                widened = True
-        if not widened:
-            break
+        return [finite_or_inf((summary or {}).get("eval/loss")) for summary in runner.run_many(jobs)]
+
+    swept = widening_sweep(sweep["grid"], run, max_widen=sweep["max_widen"])
     chosen, record = {}, {}
-    for opt, lrs in grid.items():
-        chosen[opt] = min(lrs, key=lambda lr: losses[opt][lr])
-        interior = chosen[opt] not in (lrs[0], lrs[-1])
-        record[opt] = {"batch": base, "epochs": epochs, "eval_loss_by_lr": {f"{lr:g}": losses[opt][lr] for lr in lrs},
-                       "chosen_lr": chosen[opt], "interior": interior, "initial_grid": sweep["grid"][opt]}
+    for opt, result in swept.items():
+        chosen[opt] = result["chosen"]
+        record[opt] = {"batch": base, "epochs": epochs,
+                       "eval_loss_by_lr": {f"{lr:g}": loss for lr, loss in result["scores"].items()},
+                       "chosen_lr": chosen[opt], "interior": result["interior"], "initial_grid": sweep["grid"][opt]}
         log.info("base lr of %s: %g (%s; eval loss by lr: %s)", opt, chosen[opt],
-                 "interior" if interior else "STILL AT AN EDGE", record[opt]["eval_loss_by_lr"])
+                 "interior" if result["interior"] else "STILL AT AN EDGE", record[opt]["eval_loss_by_lr"])
     return chosen, record
 
 
@@ -284,22 +135,6 @@ def committed_lrs(path: str) -> tuple[dict, dict]:
         raise ConfigError(f"{path} is missing: run `make reproduce-table1` (SCALE=small) once, or pass --lrs")
     lrs = {opt: entry["chosen_lr"] for opt, entry in sweep.items() if isinstance(entry, dict) and "chosen_lr" in entry}
     return lrs, {"note": f"base lrs from the committed sweep {path} (no sweep at this scale)", "lrs": lrs}
-
-
-class Clock:
-    """Wall time of this driver over every call on one work folder (an interrupted call included)."""
-
-    def __init__(self, path: Path):
-        self.path, self.started = path, time.perf_counter()
-        earlier = read_json(path) or {}
-        self.earlier_s, self.calls = float(earlier.get("seconds", 0.0)), int(earlier.get("calls", 0)) + 1
-
-    def total_s(self) -> float:
-        return self.earlier_s + time.perf_counter() - self.started
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path, {"seconds": round(self.total_s(), 1), "calls": self.calls})
 
 
 def main(argv=None) -> Path:
@@ -386,13 +221,10 @@ def _reproduce(args, scale: dict, out: Path, clock: Clock) -> Path:
     results = Path(args.out) if args.out else REPO / scale["results"]
     if results.exists():
         shutil.rmtree(results)
-    for run_dir in run_dirs:  # the small records of every run, beside the report
-        dest = results / "runs" / run_dir.relative_to(runs)
-        dest.mkdir(parents=True)
-        for name in ("status.json", "config.yaml", "env.json", "plan.json", "metrics.jsonl", "summary.json",
-                     "downstream.json", "downstream_random.json"):
-            if (run_dir / name).exists():
-                shutil.copy2(run_dir / name, dest / name)
+    # the small records of every run, beside the report
+    drivers.copy_run_records({d: d.relative_to(runs) for d in run_dirs}, results / "runs", (
+        "status.json", "config.yaml", "env.json", "plan.json", "metrics.jsonl", "summary.json", "downstream.json",
+        "downstream_random.json"))
     atomic_write_json(results / "lr_sweep.json", sweep_record)
     wall = clock.total_s()
     atomic_write_json(results / "reproduce.json", {

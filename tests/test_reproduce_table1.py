@@ -153,7 +153,7 @@ def test_a_finished_run_with_another_config_is_refused_not_skipped(driver, tmp_p
     assert any(c.startswith("optimizer.lr: 0.5 in the run, ") for c in changes)
     assert {c.split(":")[0] for c in changes} <= {"optimizer.lr", "scaling.ref_lr"}  # ref_lr follows the lr
 
-    monkeypatch.setattr(driver, "train", lambda cfg, run_dir: pytest.fail("must not train"))
+    monkeypatch.setattr(driver.drivers, "train", lambda cfg, run_dir: pytest.fail("must not train"))
     runner = driver.Runner(tmp_path)
     assert runner.train(["scale=tiny", "optimizer=lamb", "batch=8", "optimizer.lr=0.5"], run)["eval/loss"] == 4.0
     with pytest.raises(ConfigError, match=r"holds a run made with another config \(optimizer\.lr: 0\.5 in the run"):

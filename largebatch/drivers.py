@@ -1,0 +1,274 @@
+"""The machinery the reproduction drivers share (scripts/reproduce_table1.py, scripts/reproduce_legw.py).
+
+- :class:`Job` and :class:`Runner`: a list of ``lb-train`` runs, each in its own folder, run in this process
+  or in a pool of spawned worker processes (:func:`largebatch.pool.train_in_worker`), longest first. Every
+  run folder is skipped, kept as diverged, resumed or started per :func:`run_action`, and a folder that holds
+  a run made with another config is refused (:func:`config_changes`), so a driver called again picks up
+  where it stopped and never mixes two configs in one folder.
+- :func:`widening_sweep`: a grid search that widens past an edge holding the best value until the best is
+  interior (the "untuned" protocol: one tuned base configuration, nothing tuned up the ladder), and
+  :func:`next_lr`, the half-decade step it takes for learning rates.
+- :class:`Clock`: the driver's wall time summed over every call on one work folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from largebatch.config import compose
+from largebatch.errors import ConfigError, LargebatchError
+from largebatch.fileio import atomic_write_json
+from largebatch.pool import train_in_worker
+from largebatch.report.runs import BOOKKEEPING_KEYS, flatten_config, key_matches, read_json
+from largebatch.train import train  # looked up at call time by Runner._run_here (tests replace it)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# What makes a run resumable, passed to the trainer (issue 12, item 1): periodic checkpoints on every run,
+# and `resume=auto` for a run folder that holds an unfinished run (newest complete checkpoint, or a fresh
+# start in that folder when it has none).
+CHECKPOINT_EVERY_EPOCHS = 0.1
+CHECKPOINT_OVERRIDES = [f"checkpoint_every_epochs={CHECKPOINT_EVERY_EPOCHS}"]
+RESUME_OVERRIDES = ["resume=auto"]
+
+log = logging.getLogger("largebatch.drivers")
+
+
+def rel(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (shorter logs and records)."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def run_action(run_dir: Path) -> str:
+    """What to do with one run folder of the driver: "skip", "diverged", "resume" or "start".
+
+    skip: status.json says "finished" (the trainer writes it last) and summary.json is there, or, for a run
+    of a trainer that wrote no status.json, summary.json is there (that trainer wrote it last).
+    diverged: status.json says "failed" on a non-finite loss; the same run would diverge again.
+    resume: the folder holds anything else (status running/failed/interrupted, or records without a
+    status): the trainer continues it from its newest complete checkpoint, or starts it afresh there.
+    start: no folder, or an empty one.
+    """
+    run_dir = Path(run_dir)
+    status = read_json(run_dir / "status.json")
+    finished = (run_dir / "summary.json").is_file()
+    if isinstance(status, dict):
+        if status.get("status") == "failed" and str(status.get("error", "")).startswith("NonFiniteError"):
+            return "diverged"
+        return "skip" if status.get("status") == "finished" and finished else "resume"
+    if finished and not (run_dir / "status.json").exists():
+        return "skip"
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        return "resume"
+    return "start"
+
+
+def config_changes(run_dir: Path, cfg) -> list[str]:
+    """How the config saved in ``run_dir`` differs from ``cfg`` (bookkeeping keys such as resume aside)."""
+    if not (Path(run_dir) / "config.yaml").is_file():
+        return []
+    saved = flatten_config(OmegaConf.to_container(OmegaConf.load(Path(run_dir) / "config.yaml"), resolve=True))
+    wanted = flatten_config(OmegaConf.to_container(cfg, resolve=True))
+    return [f"{k}: {saved.get(k)!r} in the run, {wanted.get(k)!r} now" for k in sorted(saved.keys() | wanted.keys())
+            if not key_matches(k, BOOKKEEPING_KEYS) and saved.get(k) != wanted.get(k)]
+
+
+@dataclass
+class Job:
+    """One ``lb-train`` run: its overrides and its folder. ``experiment`` None: the runner's default one
+    (none at all where the runner has none, e.g. ``model=seq2seq data=verses``)."""
+
+    overrides: list[str]
+    run_dir: Path
+    experiment: str | None = None
+    command: str = ""
+    action: str = ""
+    cfg: object = field(default=None, repr=False)
+    steps: int = 0  # planned optimizer steps: the pool starts the longest runs first
+
+
+class Runner:
+    """Runs jobs: in this process (``jobs=1``) or in a pool of ``jobs`` spawned processes with
+    ``threads`` torch threads each. Every run is skipped, resumed or started per :func:`run_action`.
+    ``default_experiment``: prepended as ``experiment=...`` to a job that names none."""
+
+    default_experiment: str | None = None
+
+    def __init__(self, out: Path, jobs: int = 1, threads: int | None = None,
+                 checkpoint_every: float = CHECKPOINT_EVERY_EPOCHS):
+        self.out, self.jobs, self.steps, self.run_dirs = out, jobs, [], []
+        self.checkpoint = [f"checkpoint_every_epochs={checkpoint_every}"]
+        self.threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+
+    def prepare(self, job: Job) -> Job:
+        """Compose the job's config, decide its action and refuse a folder holding another config's run."""
+        experiment = job.experiment or self.default_experiment
+        job.overrides = [*([f"experiment={experiment}"] if experiment else []), "progress=false", *job.overrides,
+                         *self.checkpoint]
+        job.action = run_action(job.run_dir)
+        if job.action == "resume":
+            job.overrides += RESUME_OVERRIDES
+        job.cfg = compose(job.overrides)
+        changes = config_changes(job.run_dir, job.cfg) if job.action != "start" else []
+        if changes:
+            raise ConfigError(
+                f"{rel(job.run_dir)} holds a run made with another config ({'; '.join(changes[:3])}): pass another "
+                f"--work folder, or delete {rel(job.run_dir)} to run it again"
+            )
+        job.command = "lb-train " + " ".join(job.overrides)
+        samples = job.cfg.epochs * (job.cfg.data.get("train_samples") or 1)
+        job.steps = int(samples / job.cfg.batch) if not job.cfg.stages else 0
+        self.run_dirs.append(job.run_dir)
+        return job
+
+    def _record(self, job: Job, seconds: float | None = None, error: str | None = None) -> None:
+        step = {"command": job.command, "run_dir": rel(job.run_dir), "action": job.action}
+        if seconds is not None:
+            step["seconds"] = round(seconds, 1)
+        if error:
+            step["error"] = error
+        self.steps.append(step)
+
+    def train(self, overrides: list[str], run_dir: Path, experiment: str | None = None) -> dict | None:
+        """One run in this process (the summary; None for a run that diverged)."""
+        return self.run_many([Job(overrides, run_dir, experiment)], in_process=True)[0]
+
+    def run_many(self, jobs: list[Job], in_process: bool = False) -> list[dict | None]:
+        """Every job's summary (None where the run diverged or failed), in the order given."""
+        jobs = [self.prepare(job) for job in jobs]
+        results: list[dict | None] = [None] * len(jobs)
+        todo = []
+        for i, job in enumerate(jobs):
+            if job.action in ("skip", "diverged"):
+                log.info("= %s hydra.run.dir=%s: %s earlier, skipped", job.command, rel(job.run_dir),
+                         "finished" if job.action == "skip" else "diverged")
+                self._record(job)
+                if job.action == "skip":
+                    results[i] = json.loads((job.run_dir / "summary.json").read_text())
+            else:
+                todo.append(i)
+        if in_process or self.jobs == 1:
+            for i in todo:
+                results[i] = self._run_here(jobs[i])
+            return results
+        with ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            started = {}
+            for i in sorted(todo, key=lambda i: -jobs[i].steps):  # longest first: the pool ends together
+                log.info("+ %s hydra.run.dir=%s%s", jobs[i].command, rel(jobs[i].run_dir),
+                         " (resuming)" if jobs[i].action == "resume" else "")
+                started[i] = (pool.submit(train_in_worker, jobs[i].overrides, str(jobs[i].run_dir), self.threads),
+                              time.perf_counter())
+            for i, (future, t0) in started.items():
+                outcome = future.result()
+                self._record(jobs[i], time.perf_counter() - t0, outcome.get("error"))
+                if "error" in outcome:
+                    log.warning("run %s failed: %s", rel(jobs[i].run_dir), outcome["error"][:300])
+                results[i] = outcome.get("summary")
+        return results
+
+    def _run_here(self, job: Job) -> dict | None:
+        log.info("+ %s hydra.run.dir=%s%s", job.command, rel(job.run_dir),
+                 " (resuming)" if job.action == "resume" else "")
+        started = time.perf_counter()
+        try:
+            summary = train(job.cfg, job.run_dir)
+        except LargebatchError as error:
+            if run_action(job.run_dir) != "diverged":
+                raise
+            self._record(job, time.perf_counter() - started, f"{type(error).__name__}: {error}")
+            log.warning("run %s diverged: %s", rel(job.run_dir), error)
+            return None
+        self._record(job, time.perf_counter() - started)
+        return summary
+
+
+def next_lr(lr: float, up: bool) -> float:
+    """The neighbour of ``lr`` on the half-decade grid 1, 3, 10, 30, ... (x 10^k)."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = lr / 10 ** exponent
+    if up:
+        return float(f"{(3 if mantissa < 2 else 10) * 10 ** exponent:.0e}")
+    return float(f"{(1 if mantissa > 2 else 0.3) * 10 ** exponent:.0e}")
+
+
+def finite_or_inf(x) -> float:
+    """A sweep's score: the value, or +inf for a missing or non-finite one (a diverged run is never best)."""
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else math.inf
+
+
+def widening_sweep(grid: dict[str, list[float]], run: Callable[[list[tuple[str, float]]], list[float]], *,
+                   max_widen: int, step: Callable[[float, bool], float | None] = next_lr,
+                   known: dict[str, dict[float, float]] | None = None) -> dict[str, dict]:
+    """A grid search per name that widens past an edge holding the best score, up to ``max_widen`` times.
+
+    ``grid``: {name: values}; ``run(todo)`` scores each (name, value) of ``todo`` (lower is better; +inf for a
+    diverged run, see :func:`finite_or_inf`); every round runs the values of all names together (one pool).
+    ``step(value, up)`` is the next value past an edge, or None where the grid cannot go further (a warmup
+    below 0, or longer than the run allows): that edge then stays the best. ``known``: scores already
+    measured (not run again). Returns {name: {"chosen", "interior", "scores": {value: score}, "values"}}.
+    """
+    grid = {name: sorted(values) for name, values in grid.items()}
+    scores: dict[str, dict[float, float]] = {name: dict((known or {}).get(name, {})) for name in grid}
+    for round_ in range(max_widen + 1):
+        todo = [(name, v) for name, values in grid.items() for v in values if v not in scores[name]]
+        for (name, v), score in zip(todo, run(todo) if todo else []):
+            scores[name][v] = score
+        widened = False
+        for name, values in grid.items():
+            best = min(values, key=lambda v: scores[name][v])
+            if best in (values[0], values[-1]) and round_ < max_widen:
+                beyond = step(best, best == values[-1])
+                if beyond is not None and beyond not in values:
+                    values.append(beyond)
+                    values.sort()
+                    widened = True
+        if not widened:
+            break
+    out = {}
+    for name, values in grid.items():
+        chosen = min(values, key=lambda v: scores[name][v])
+        out[name] = {"chosen": chosen, "interior": chosen not in (values[0], values[-1]) or len(values) == 1,
+                     "scores": {v: scores[name][v] for v in values}, "values": values}
+    return out
+
+
+class Clock:
+    """Wall time of this driver over every call on one work folder (an interrupted call included)."""
+
+    def __init__(self, path: Path):
+        self.path, self.started = path, time.perf_counter()
+        earlier = read_json(path) or {}
+        self.earlier_s, self.calls = float(earlier.get("seconds", 0.0)), int(earlier.get("calls", 0)) + 1
+
+    def total_s(self) -> float:
+        return self.earlier_s + time.perf_counter() - self.started
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path, {"seconds": round(self.total_s(), 1), "calls": self.calls})
+
+
+def copy_run_records(folders: dict[Path, Path], dest_root: Path,
+                     names: tuple[str, ...] = ("status.json", "config.yaml", "env.json", "plan.json", "metrics.jsonl",
+                                               "summary.json")) -> None:
+    """Copy each run's small records (not its checkpoints or model) from ``folders``' keys to ``dest_root`` /
+    their values (relative paths): the results folder then holds everything its report was computed from."""
+    import shutil
+
+    for run_dir, relative in folders.items():
+        dest = dest_root / relative
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            if (Path(run_dir) / name).exists():
+                shutil.copy2(Path(run_dir) / name, dest / name)
