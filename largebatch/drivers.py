@@ -95,7 +95,17 @@ class Job:
     command: str = ""
     action: str = ""
     cfg: object = field(default=None, repr=False)
-    steps: int = 0  # planned optimizer steps: the pool starts the longest runs first
+    cost: float = 0.0  # epochs per sample of batch, summed over stages: the pool starts the most steps first
+
+
+def job_cost(cfg) -> float:
+    """A run's optimizer steps up to a factor that its data sets (epochs / batch, summed over its stages;
+    a stage's fraction is of the top-level epochs): enough to start the longest runs first. Small
+    batches dominate a CPU ladder's cost: their steps, not their samples, are what the pool must spread."""
+    if not cfg.stages:
+        return cfg.epochs / cfg.batch
+    return sum((s.epochs if s.get("epochs") is not None else (s.get("fraction") or 1.0) * cfg.epochs)
+               / (s.get("batch") or cfg.batch) for s in cfg.stages)
 
 
 class Runner:
@@ -127,8 +137,7 @@ class Runner:
                 f"--work folder, or delete {rel(job.run_dir)} to run it again"
             )
         job.command = "lb-train " + " ".join(job.overrides)
-        samples = job.cfg.epochs * (job.cfg.data.get("train_samples") or 1)
-        job.steps = int(samples / job.cfg.batch) if not job.cfg.stages else 0
+        job.cost = job_cost(job.cfg)
         self.run_dirs.append(job.run_dir)
         return job
 
@@ -164,7 +173,7 @@ class Runner:
             return results
         with ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             started = {}
-            for i in sorted(todo, key=lambda i: -jobs[i].steps):  # longest first: the pool ends together
+            for i in sorted(todo, key=lambda i: -jobs[i].cost):  # most steps first: the pool ends together
                 log.info("+ %s hydra.run.dir=%s%s", jobs[i].command, rel(jobs[i].run_dir),
                          " (resuming)" if jobs[i].action == "resume" else "")
                 started[i] = (pool.submit(train_in_worker, jobs[i].overrides, str(jobs[i].run_dir), self.threads),

@@ -191,3 +191,12 @@ def test_the_sweep_widens_past_an_edge_until_its_best_is_interior(driver, tmp_pa
     assert record["lamb"]["interior"] and record["adamw"]["interior"] and not record["lars_paper"]["interior"]
     assert len(ran) == len(set(ran))  # no run twice
     assert sorted(lr for opt, lr in ran if opt == "adamw") == [1e-4, 3e-4, 1e-3]
+
+
+def test_the_pool_starts_the_runs_with_the_most_steps_first():
+    from largebatch.drivers import job_cost
+
+    costs = {b: job_cost(compose(["experiment=lamb_table1", f"batch={b}"])) for b in (2, 16, 128)}
+    assert costs[2] == pytest.approx(8 * costs[16]) and costs[16] == pytest.approx(8 * costs[128])
+    mixed = job_cost(compose(["experiment=lamb_mixed_batch"]))  # 0.9 of the epochs at 256, 0.1 at 128
+    assert mixed == pytest.approx(compose(["experiment=lamb_table1"]).epochs * (0.9 / 256 + 0.1 / 128))
