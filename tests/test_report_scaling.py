@@ -30,7 +30,8 @@ def scaling_run(root, name, *, optimizer: str, batch: int, curve: list[float], s
     for step in range(1, steps + 1):
         line = {"step": step, "stage": "stage0", "samples": step * batch, "loss": 5.0, "lr": 1e-3}
         if noise is not None:
-            line.update({"noise/b_simple": noise(step, steps), "noise/grad_sq": 1.0, "noise/trace": 1.0})
+            value = noise(step, steps)  # |G|^2 = 1 and one sample per loss unit: trace = B_simple
+            line.update({"noise/b_simple": value, "noise/grad_sq": 1.0, "noise/trace": value})
         lines.append(line)
         if step % (steps // EVALS) == 0:
             lines.append({"step": step, "stage": "stage0", "samples": step * batch,
@@ -169,9 +170,17 @@ def test_single_seed_caveat_names_only_the_single_seed_cells(tmp_path):
     assert "lamb is better than adamw by 0.29 at batch 64, a single seed on one side, so no spread to compare" in text
 
 
-def test_noise_scale_summary_is_the_mean_over_the_last_half():
-    lines = [{"step": s, "loss": 1.0, "noise/b_simple": None if s < 3 else float(s)} for s in range(1, 11)]
-    assert noise_scale_summary(lines, 10) == statistics.fmean([6.0, 7.0, 8.0, 9.0, 10.0])
+def test_noise_scale_summary_divides_the_means_over_the_last_half():
+    """Each component averaged over the last half, then divided (not a mean of per-line ratios, which a
+    |G|^2 estimate near zero would rule), converted to samples at 5 loss units a sample."""
+    def line(step, trace, grad_sq):
+        return {"step": step, "loss": 1.0, "noise/trace": trace, "noise/grad_sq": grad_sq,
+                "noise/b_simple": trace / grad_sq / 5 if grad_sq > 0 else None}
+
+    lines = [line(s, 100.0, 1.0) for s in range(1, 6)] + [line(6, 30.0, 0.01), line(7, 50.0, 2.0), line(8, 40.0, -0.5),
+                                                          line(9, 60.0, 1.5), line(10, 20.0, 1.0)]
+    want = statistics.fmean([30.0, 50.0, 40.0, 60.0, 20.0]) / statistics.fmean([0.01, 2.0, -0.5, 1.5, 1.0]) / 5
+    assert noise_scale_summary(lines, 10) == pytest.approx(want)
     assert noise_scale_summary([{"step": 1, "loss": 1.0}], 1) is None  # an older trainer: no noise keys
 
 

@@ -218,14 +218,22 @@ def eval_points(metrics: list[dict], stage: str | None = None) -> list[dict]:
 
 
 def noise_scale_summary(train_lines: list[dict], steps: int | None = None) -> float | None:
-    """The run's gradient noise scale: the mean of the logged "noise/b_simple" (B_simple = tr(Sigma) / |G|^2 of
-    McCandlish et al. 2018, in samples) over the log lines of the last half of training (step > steps / 2; the
-    noise scale grows as the loss falls, so the early estimates say little about where training ends). None
-    when the run logged none (an older trainer, or a window that never filled)."""
+    """The run's gradient noise scale over the last half of training (step > steps / 2; it grows as the loss
+    falls, so early estimates say little about where training ends): the mean of the logged tr(Sigma)
+    estimates over the mean of the |G|^2 estimates ("noise/trace", "noise/grad_sq"), in samples (McCandlish
+    et al. 2018 average each before dividing: a mean of per-line ratios would be ruled by the lines whose
+    |G|^2 estimate is near zero). None when the run logged none, or the mean |G|^2 is not positive."""
     last = steps or max((m.get("step") or 0 for m in train_lines), default=0)
-    values = [m["noise/b_simple"] for m in train_lines
-              if (m.get("step") or 0) > last / 2 and _finite(m.get("noise/b_simple")) is not None]
-    return sum(values) / len(values) if values else None
+    lines = [m for m in train_lines if (m.get("step") or 0) > last / 2
+             and _finite(m.get("noise/trace")) is not None and _finite(m.get("noise/grad_sq")) is not None]
+    # samples per loss unit (e.g. 1/5 at 5 masked tokens a sequence): b_simple = trace / grad_sq x that
+    per_unit = [m["noise/b_simple"] * m["noise/grad_sq"] / m["noise/trace"] for m in lines
+                if _finite(m.get("noise/b_simple")) is not None and m["noise/trace"]]
+    if not lines or not per_unit:
+        return None
+    grad_sq = sum(m["noise/grad_sq"] for m in lines) / len(lines)
+    trace = sum(m["noise/trace"] for m in lines) / len(lines)
+    return trace / grad_sq * (sum(per_unit) / len(per_unit)) if grad_sq > 0 else None
 
 
 def to_target(points: list[dict], target: float) -> dict | None:
