@@ -458,20 +458,27 @@ def _perfect_scaling(name: str, rungs: list[Cell], factor: float) -> str:
 
 
 def _noise_scale(cells: list[Cell], names, holds: dict) -> list[str]:
-    """The workload's measured critical batch (B_simple of each base rung, end of training) and where the
-    ladder's rungs and its loss degradation sit relative to it."""
+    """The workload's measured critical batch and where the ladder's rungs and its loss degradation sit
+    relative to it. B_simple is a property of where training is, not of the rung, so every run of the ladder
+    whose estimate is measurable contributes (the median of their last-half values). The estimate of a run
+    whose small batch is tiny (a half of batch 2 is 1 sample) can fail: its mean |G|^2 estimate is then not
+    positive, and the sentence names those runs."""
     out = []
     for name in names:
         rungs = ladder(cells, name)
-        measured = rungs[0].values("b_noise") if rungs else []
-        if not measured:
+        values = [v for c in rungs for v in c.values("b_noise")]
+        if not values:
             continue
-        base, b_noise = rungs[0], statistics.fmean(measured)
-        spread = (f"range {fmt_count(min(measured))} to {fmt_count(max(measured))} over {len(measured)} seeds"
-                  if len(measured) >= 2 else "one seed")
-        text = (f"Measured critical batch ({name}): the gradient noise scale B_simple of its base rung (batch "
-                f"{base.batch_schedule}), averaged over the last half of training, is ~{fmt_count(b_noise)} samples "
-                f"({spread}).")
+        b_noise = statistics.median(values)
+        text = (f"Measured critical batch ({name}): the gradient noise scale B_simple, averaged over the last half "
+                f"of each run, is ~{fmt_count(b_noise)} samples: the median of the {len(values)} run(s) of its ladder "
+                f"where it is measurable (range {fmt_count(min(values))} to {fmt_count(max(values))}; B_simple grows "
+                "as the loss falls, so this is the workload's scale near the end of these runs).")
+        missing = [f"{c.batch_schedule}" for c in rungs for _ in range(len(c.runs) - len(c.values("b_noise")))]
+        if missing:
+            text += (f" Not measurable in {len(missing)} run(s) (batch {', '.join(missing)}): their mean |G|^2 estimate"
+                     " over the last half was not positive, which the two-batch estimator allows when its small "
+                     "batch holds a few samples.")
         beyond = [c for c in rungs if c.batch > b_noise]
         if beyond:
             listed = ", ".join(c.batch_schedule for c in beyond)
