@@ -75,7 +75,8 @@ SCALES = {
         finetune=["--max-train", "64", "--max-eval", "64", "--threads", "0"]),
     "quick": dict(  # ~20 minutes: the same pipeline on 4 rungs, one seed, half the samples, the committed lrs
         ladder=[2, 8, 32, 128], seeds=1, lars=[2, 128], sweep=None, results="outputs/lamb_table1_quick/results",
-        train=["epochs=0.16666666667", "eval_every_epochs=0.0104166667", "schedule.warmup_epochs=0.00052083333"],
+        # 19,456 samples a rung (152 steps at 128), eval every 1,024 samples (19 points, the same at every rung)
+        train=["epochs=0.16666666667", "eval_every_epochs=0.0087719298", "schedule.warmup_epochs=0.00052083333"],
         mixed=[*MIXED_SEQ, "stages.1.warmup_fraction=0.128"], lrs="results/lamb_table1/lr_sweep.json",
         finetune=["--threads", "1", "--max-train", "2000"]),
     "small": dict(  # the committed results: 7 rungs x 2 optimizers x 2 seeds, LARS, mixed; ~1.5 h on 2 cores
@@ -87,7 +88,7 @@ SCALES = {
         ladder=[32, 64, 128, 256, 512, 1024, 2048], seeds=1, lars=[32, 256, 2048], results="results/lamb_table1_gpu",
         jobs=1, checkpoint_every=1.0,
         train=["model.size=mini", "data.seq_len=128", "data.train_multiple_of=2048", "scaling.ref_batch=32",
-               "epochs=8", "schedule.warmup_epochs=0.025", "eval_every_epochs=0.5", "micro_batch=2048",
+               "epochs=8", "schedule.warmup_epochs=0.025", "eval_every_epochs=0.6153846154", "micro_batch=2048",
                "eval_batch=256", "eval_max_batches=4"],
         sweep=dict(fraction=0.25, max_widen=2,
                    grid={"lamb": [3e-3, 1e-2, 3e-2], "adamw": [3e-4, 1e-3, 3e-3], "lars_paper": [3e-3, 1e-2, 3e-2]}),
