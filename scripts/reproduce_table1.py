@@ -236,10 +236,11 @@ def _reproduce(args, scale: dict, out: Path, clock: Clock) -> Path:
         "resumed_runs": sum(step.get("action") == "resume" for step in runner.steps),
         "diverged_runs": sum(run_action(d) == "diverged" for d in run_dirs),
     })
-    report.main([str(results / "runs"), "--out", str(results), "--title",
+    # paths relative to where the driver runs (the repository, under make): the recorded command stays portable
+    report.main([os.path.relpath(results / "runs"), "--out", os.path.relpath(results), "--title",
                  f"LAMB Table 1 at reduced scale ({args.scale}): {wall / 60:.1f} minutes on this machine"
                  + (f" over {clock.calls} calls of the driver (it resumes)" if clock.calls > 1 else ""),
-                 "--unigram-from-config", str(first)])
+                 "--unigram-from-config", os.path.relpath(first)])
     log.info("done in %.1f min: %s", wall / 60, results)
     return results
 
