@@ -39,6 +39,19 @@ def compose_cfg(data_cache):
     return _compose
 
 
+def load_script(relative_path: str):
+    """A script of scripts/ imported as a module (registered in sys.modules: dataclasses look their module
+    up there)."""
+    import importlib.util
+
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def lb(cmd: str) -> str:
     """Path of an installed console script of this venv."""
     return str(BIN / cmd)

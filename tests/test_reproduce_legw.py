@@ -4,32 +4,22 @@ on the driver's real configs and plans, and the report's computed sentences on s
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import load_script
 from largebatch.config import compose
 from largebatch.plan import build_plans
 from largebatch.report.legw import write_legw_report
 from largebatch.tasks import build_task
 
 
-def load_driver():
-    spec = importlib.util.spec_from_file_location("reproduce_legw", REPO / "scripts" / "reproduce_legw.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def driver():
-    return load_driver()
+    return load_script("scripts/reproduce_legw.py")
 
 
 # ----------------------------------------------------------------------------- the driver, end to end

@@ -5,32 +5,22 @@ unfinished one."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO
+from conftest import load_script
 from largebatch.config import compose
 from largebatch.errors import ConfigError
 
 
-def load_driver():
-    spec = importlib.util.spec_from_file_location("reproduce_table1", REPO / "scripts" / "reproduce_table1.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def driver():
-    return load_driver()
+    return load_script("scripts/reproduce_table1.py")
 
 
 @pytest.fixture(scope="module")
