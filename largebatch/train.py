@@ -227,9 +227,10 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
             global_count = accelerator.reduce(torch.as_tensor(local_count, device=device), reduction="sum").clamp(min=1)
             totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, targets: the logged mean
             is_log_step = (stage_step + 1) % cfg.log_every == 0 or stage_step + 1 == plan.total_steps
-            # The noise scale's small batch (largebatch/noise.py): [squared norm, loss units, 1] on this rank.
-            small = torch.zeros(3, dtype=torch.float64, device=device)
-            if noise is not None and is_log_step and len(micro_batches) == 1:
+            # The noise scale's small batch (largebatch/noise.py), on log steps only: [squared norm, loss units, 1]
+            measure_noise = noise is not None and is_log_step
+            small = torch.zeros(3, dtype=torch.float64, device=device) if measure_noise else None
+            if measure_noise and len(micro_batches) == 1:
                 small = _half_batch_gradient(task, model, micro_batches[0], parallel, accelerator, params)
             for slot, mb in enumerate(micro_batches):
                 last = slot == len(micro_batches) - 1
@@ -239,7 +240,7 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
                 accelerator.backward(loss)
                 totals[0] += out["loss_sum"].detach().double()
                 totals[1] += out["count"]
-                if noise is not None and is_log_step and slot == 0 and not last:  # local, not yet all-reduced
+                if measure_noise and slot == 0 and not last:  # local, not yet all-reduced
                     units = float(task.normaliser(mb))
                     mean_grad_sq = _grad_sq(params, accelerator) * (float(global_count) / (world * units)) ** 2
                     small = torch.tensor([mean_grad_sq, units, 1.0], dtype=torch.float64, device=device)
@@ -252,7 +253,7 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
             grad_norm = global_norm(p.grad for p in params)
             loss_sum, targets = accelerator.reduce(totals, reduction="sum")
             step_loss = loss_sum / targets.clamp(min=1)
-            if noise is not None and is_log_step:
+            if measure_noise:
                 small_sq, small_units, ranks = accelerator.reduce(small, reduction="sum").tolist()
                 if ranks:  # the mean over the ranks that measured one
                     noise.add(small_sq / ranks, small_units / ranks, grad_norm.item() ** 2, float(global_count),
