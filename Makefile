@@ -36,8 +36,8 @@ train: $(STAMP) ## the main job: BERT masked-LM on the bundled corpus, prints ev
 reproduce-table1: $(STAMP) ## LAMB Table 1: SCALE=smoke|quick|small|gpu (small -> results/lamb_table1/), SEEDS=n, JOBS=n; rerun resumes
 	$(PY) scripts/reproduce_table1.py --scale $(SCALE) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS))
 
-reproduce-legw: $(STAMP) ## LEGW ladders: TASK=ptb|mnist_lstm|seq2seq|resnet (empty: all), SCALE=smoke|small|gpu (small -> results/legw/<task>/); rerun resumes
-	$(PY) scripts/reproduce_legw.py --scale $(SCALE) $(if $(TASK),--task $(TASK)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS))
+reproduce-legw: $(STAMP) ## LEGW ladders: TASK=ptb|mnist_lstm|seq2seq|resnet or several ("mnist_lstm ptb": run together, the first first; empty: all four), SCALE=smoke|small|gpu (small -> results/legw/<task>/); rerun resumes
+	$(PY) scripts/reproduce_legw.py --scale $(SCALE) $(foreach t,$(TASK),--task $(t)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS))
 
 smoke: $(STAMP) ## a few seconds of training on a tiny config
 	$(BIN)/lb-train scale=tiny progress=false

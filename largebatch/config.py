@@ -7,6 +7,7 @@ needs; the fields here only fix names and types.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,13 +293,16 @@ def register_configs() -> None:
         cs.store(group=group, name=f"{group}_schema", node=node)
 
 
+_COMPOSE_LOCK = threading.Lock()  # Hydra's compose API keeps global state: one composition at a time
+
+
 def compose(overrides: list[str]) -> DictConfig:
     """The config ``lb-train`` would run with these overrides (for scripts, tests and ``lb-plan``)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with _COMPOSE_LOCK, initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=overrides)
 
 

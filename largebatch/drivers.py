@@ -1,7 +1,10 @@
 """The machinery the reproduction drivers share (scripts/reproduce_table1.py, scripts/reproduce_legw.py).
 
 - :class:`Job` and :class:`Runner`: a list of ``lb-train`` runs, each in its own folder, run in this process
-  or in a pool of spawned worker processes (:func:`largebatch.pool.train_in_worker`), longest first. Every
+  or in a pool of spawned worker processes (:func:`largebatch.pool.train_in_worker`), longest first. The
+  pool is shared by threads (a driver can run one thread per workload): a thread's runs carry its
+  :meth:`Runner.priority`, and a free worker takes the queued run of the lowest priority, so the first
+  workload finishes first and the others fill the workers it leaves idle (a sweep's rounds of 1-3). Every
   run folder is skipped, kept as diverged, resumed or started per :func:`run_action`, and a folder that holds
   a run made with another config is refused (:func:`config_changes`), so a driver called again picks up
   where it stopped and never mixes two configs in one folder.
@@ -13,14 +16,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import multiprocessing
 import os
+import queue
+import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,15 +118,62 @@ def job_cost(cfg) -> float:
 class Runner:
     """Runs jobs: in this process (``jobs=1``) or in a pool of ``jobs`` spawned processes with
     ``threads`` torch threads each. Every run is skipped, resumed or started per :func:`run_action`.
-    ``default_experiment``: prepended as ``experiment=...`` to a job that names none."""
+    ``default_experiment``: prepended as ``experiment=...`` to a job that names none.
+
+    :meth:`run_many` may be called from several threads at once: the pool is shared, and a free worker
+    takes the queued run of the lowest :meth:`priority` (then the most steps, then the oldest). Call
+    :meth:`close` (or use the runner as a context manager) to stop the pool."""
 
     default_experiment: str | None = None
+    worker = staticmethod(train_in_worker)  # what a pool worker runs (overrides, run_dir, threads) -> outcome
 
     def __init__(self, out: Path, jobs: int = 1, threads: int | None = None,
                  checkpoint_every: float = CHECKPOINT_EVERY_EPOCHS):
         self.out, self.jobs, self.steps, self.run_dirs = out, jobs, [], []
         self.checkpoint = [f"checkpoint_every_epochs={checkpoint_every}"]
         self.threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._pool = None
+        self._dispatchers: list[threading.Thread] = []
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def priority(self, value: int) -> Iterator[None]:
+        """Runs this thread queues inside the block go before those of higher values."""
+        before = getattr(self._local, "priority", 0)
+        self._local.priority = value
+        try:
+            yield
+        finally:
+            self._local.priority = before
+
+    def make_pool(self):
+        """The worker pool: ``jobs`` spawned processes (forked ones can hang on a running OpenMP pool)."""
+        return ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    def close(self) -> None:
+        """Stop the dispatchers and the pool: runs still queued are cancelled, running ones awaited."""
+        with self._lock:
+            while not self._queue.empty():
+                *_, done = self._queue.get_nowait()
+                if done is not None:
+                    done.cancel()
+            for _ in self._dispatchers:
+                self._queue.put((math.inf, 0.0, next(self._order), None, None))
+            dispatchers, self._dispatchers = self._dispatchers, []
+            pool, self._pool = self._pool, None
+        for thread in dispatchers:
+            thread.join()
+        if pool is not None:
+            pool.shutdown()
 
     def prepare(self, job: Job) -> Job:
         """Compose the job's config, decide its action and refuse a folder holding another config's run."""
@@ -171,20 +225,44 @@ class Runner:
             for i in todo:
                 results[i] = self._run_here(jobs[i])
             return results
-        with ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            started = {}
-            for i in sorted(todo, key=lambda i: -jobs[i].cost):  # most steps first: the pool ends together
-                log.info("+ %s hydra.run.dir=%s%s", jobs[i].command, rel(jobs[i].run_dir),
-                         " (resuming)" if jobs[i].action == "resume" else "")
-                started[i] = (pool.submit(train_in_worker, jobs[i].overrides, str(jobs[i].run_dir), self.threads),
-                              time.perf_counter())
-            for i, (future, t0) in started.items():
-                outcome = future.result()
-                self._record(jobs[i], time.perf_counter() - t0, outcome.get("error"))
-                if "error" in outcome:
-                    log.warning("run %s failed: %s", rel(jobs[i].run_dir), outcome["error"][:300])
-                results[i] = outcome.get("summary")
+        queued = {i: self._enqueue(jobs[i]) for i in todo}
+        for i, future in queued.items():
+            outcome, seconds = future.result()
+            self._record(jobs[i], seconds, outcome.get("error"))
+            if "error" in outcome:
+                log.warning("run %s failed: %s", rel(jobs[i].run_dir), outcome["error"][:300])
+            results[i] = outcome.get("summary")
         return results
+
+    def _enqueue(self, job: Job) -> Future:
+        """Queue ``job`` for the pool; the future gives (the worker's outcome, seconds)."""
+        done: Future = Future()
+        with self._lock:
+            if self._pool is None:
+                self._pool = self.make_pool()
+            while len(self._dispatchers) < self.jobs:
+                thread = threading.Thread(target=self._dispatch, args=(self._pool,), daemon=True,
+                                          name=f"runner-{len(self._dispatchers)}")
+                thread.start()
+                self._dispatchers.append(thread)
+            self._queue.put((getattr(self._local, "priority", 0), -job.cost, next(self._order), job, done))
+        return done
+
+    def _dispatch(self, pool) -> None:
+        """One worker's dispatcher: the queued run that comes first, to the pool, until :meth:`close`."""
+        while True:
+            *_, job, done = self._queue.get()
+            if job is None:
+                return
+            log.info("+ %s hydra.run.dir=%s%s", job.command, rel(job.run_dir),
+                     " (resuming)" if job.action == "resume" else "")
+            started = time.perf_counter()
+            try:
+                outcome = pool.submit(self.worker, job.overrides, str(job.run_dir), self.threads).result()
+            except BaseException as error:  # noqa: BLE001 - handed to the thread waiting on this run
+                done.set_exception(error)
+            else:
+                done.set_result((outcome, time.perf_counter() - started))
 
     def _run_here(self, job: Job) -> dict | None:
         log.info("+ %s hydra.run.dir=%s%s", job.command, rel(job.run_dir),
@@ -253,12 +331,25 @@ def widening_sweep(grid: dict[str, list[float]], run: Callable[[list[tuple[str, 
 
 
 class Clock:
-    """Wall time of this driver over every call on one work folder (an interrupted call included)."""
+    """Wall time of this driver over every call on one work folder (an interrupted call included). With
+    ``autosave_s``, a daemon thread saves it that often, so a killed driver loses at most that much."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, autosave_s: float | None = None):
         self.path, self.started = path, time.perf_counter()
         earlier = read_json(path) or {}
         self.earlier_s, self.calls = float(earlier.get("seconds", 0.0)), int(earlier.get("calls", 0)) + 1
+        self._stopped = threading.Event()
+        if autosave_s:
+            threading.Thread(target=self._autosave, args=(autosave_s,), daemon=True, name="clock").start()
+
+    def _autosave(self, every_s: float) -> None:
+        while not self._stopped.wait(every_s):
+            self.save()
+
+    def stop(self) -> None:
+        """Save a last time and stop the autosave."""
+        self._stopped.set()
+        self.save()
 
     def total_s(self) -> float:
         return self.earlier_s + time.perf_counter() - self.started

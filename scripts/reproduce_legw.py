@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,23 +52,25 @@ from largebatch.drivers import (  # noqa: E402
 from largebatch.errors import LargebatchError, fail  # noqa: E402
 from largebatch.fileio import atomic_write_json  # noqa: E402
 from largebatch.report import legw as legw_report  # noqa: E402
+from largebatch.report.runs import read_json  # noqa: E402
 
 RULES = ("legw", "sqrt", "linear", "none")
 
 # The workloads: the config that picks each, its primary metric (as in largebatch/tasks/*.py `primary`) and
 # the tolerance of the report's noise band, relative to the base rung's metric (the band is the larger of
 # this and 2 x the pooled seed std; BLEU at these scales is a few points, so 1% of it is below its noise).
+# In this order a call without --task runs them (together, the first first: see main).
 TASKS = {
-    "ptb": dict(base=["experiment=ptb_zaremba_small"], metric="eval/ppl", higher_is_better=False, tolerance=0.01,
-                paper="PTB small LSTM (Zaremba): batch 20 -> 1280 (64x) at the base's perplexity"),
     "mnist_lstm": dict(base=["experiment=mnist_lstm", "data=fashion_mnist"], metric="eval/accuracy",
                        higher_is_better=True, tolerance=0.01,
                        paper="MNIST-LSTM: batch 128 -> 8192 (64x) at the base's accuracy"),
-    "seq2seq": dict(base=["model=seq2seq", "data=verses"], metric="eval/bleu", higher_is_better=True,
-                    tolerance=0.03, paper="GNMT: batch 128 -> 2048 (16x) at the base's BLEU (here 32 -> 512)"),
+    "ptb": dict(base=["experiment=ptb_zaremba_small"], metric="eval/ppl", higher_is_better=False, tolerance=0.01,
+                paper="PTB small LSTM (Zaremba): batch 20 -> 1280 (64x) at the base's perplexity"),
     "resnet": dict(base=["experiment=resnet20_fashion", "schedule.warmup_init_lr=0.0"], metric="eval/accuracy",
                    higher_is_better=True, tolerance=0.01,
                    paper="ImageNet ResNet-50 in LEGW's appendix; here ResNet-20 on Fashion-MNIST, 32x"),
+    "seq2seq": dict(base=["model=seq2seq", "data=verses"], metric="eval/bleu", higher_is_better=True,
+                    tolerance=0.03, paper="GNMT: batch 128 -> 2048 (16x) at the base's BLEU (here 32 -> 512)"),
 }
 
 # Per scale and task: ``train`` (overrides of every run), ``ladder`` (base first), ``seeds`` (on the base and
@@ -240,7 +243,7 @@ def ladder_jobs(task: str, scale: dict, work: Path, lr: float, warmup: float, se
 
 
 def reproduce_task(task: str, args, scale: dict, runner: LegwRunner, work: Path, results: Path,
-                   clock: Clock) -> Path:
+                   clock: Clock, together: list[str] = ()) -> Path:
     """Sweep, ladder and report of one workload; returns its results folder."""
     seeds = list(range(args.seeds if args.seeds is not None else scale["seeds"]))
     lr, warmup, record = sweep_base(runner, task, scale, work)
@@ -252,14 +255,23 @@ def reproduce_task(task: str, args, scale: dict, runner: LegwRunner, work: Path,
                 "record": f"runs/{rule}/batch={b},seed={s}"} for (rule, b, s), job in jobs.items()]
     copy_run_records({e["dir"]: e["record"] for e in entries}, results)
     atomic_write_json(results / "sweep.json", record)
+    # Training time of every run of the task (sweep included), from the runs' own summaries, and the driver's
+    # elapsed time: run with other tasks, it shares the workers with them, so the first is the task's cost.
+    run_s = sum(float(s.get("wall_time_s") or 0.0) for s in map(read_json, [*work.glob("sweep/*/summary.json"),
+                                                                         *work.glob("runs/*/*/summary.json")])
+                if isinstance(s, dict))
+    others = [t for t in together if t != task]
     legw_report.write_legw_report(
         [{**e, "dir": results / e["record"]} for e in entries], results, task=task, metric=TASKS[task]["metric"],
         higher_is_better=TASKS[task]["higher_is_better"], tolerance=TASKS[task]["tolerance"],
-        title=f"LEGW at reduced scale ({args.scale}): {task}, {clock.total_s() / 60:.1f} minutes on this machine"
-        + (f" over {clock.calls} calls of the driver (it resumes)" if clock.calls > 1 else ""),
+        title=f"LEGW at reduced scale ({args.scale}): {task}, {run_s / 60:.1f} min of training in all ({runner.jobs} "
+        f"at a time: {run_s / 60 / runner.jobs:.1f} min of the machine), {clock.total_s() / 60:.1f} min of the driver"
+        + (f" over {clock.calls} calls (it resumes)" if clock.calls > 1 else "")
+        + (f", sharing its workers with {', '.join(others)}" if others else ""),
         claim=TASKS[task]["paper"],
         provenance={"command": f"make reproduce-legw TASK={task} SCALE={args.scale}", "base_lr": lr,
                     "wall_time_s": round(clock.total_s(), 1), "calls": clock.calls, "jobs": runner.jobs,
+                    "run_seconds": round(run_s, 1), "run_together_with": others,
                     "threads_per_job": runner.threads,
                     "base_warmup_epochs": warmup, "seeds": seeds, "work_folder": rel(work),
                     "sweep": record, "steps": [s for s in runner.steps if s.get("run_dir", "").startswith(rel(work))]})
@@ -293,16 +305,30 @@ def main(argv=None) -> list[Path]:
     jobs = args.jobs or scale.get("jobs") or os.cpu_count() or 1
     runner = LegwRunner(work_root, jobs=jobs, scale=scale,
                         checkpoint_every=scale.get("checkpoint_every", CHECKPOINT_EVERY_EPOCHS))
-    done = []
-    for task in args.task or list(TASKS):
-        work = work_root / task
-        clock = Clock(work / "driver_time.json")
-        try:
-            done.append(reproduce_task(task, args, scale, runner, work, out_root / task, clock))
-        finally:
-            clock.save()
-    return done
+    tasks = args.task or list(TASKS)
 
+    def one(i: int, task: str) -> Path:
+        work = work_root / task
+        clock = Clock(work / "driver_time.json", autosave_s=60)
+        try:
+            with runner.priority(i):
+                return reproduce_task(task, args, scale, runner, work, out_root / task, clock, together=tasks)
+        finally:
+            clock.stop()
+
+    with runner:
+        if runner.jobs == 1 or len(tasks) == 1:
+            return [one(i, task) for i, task in enumerate(tasks)]
+        # One thread per task, one shared pool: the first task's runs go first, the later tasks' runs fill the
+        # workers it leaves idle (its sweep's rounds of 1-3 runs); a task that fails does not stop the others.
+        with ThreadPoolExecutor(len(tasks), thread_name_prefix="task") as threads:
+            futures = [threads.submit(one, i, task) for i, task in enumerate(tasks)]
+        failed = [(task, f.exception()) for task, f in zip(tasks, futures) if f.exception() is not None]
+        for task, error in failed:
+            log.error("%s failed: %s: %s", task, type(error).__name__, error)
+        if failed:
+            raise failed[0][1]
+        return [f.result() for f in futures]
 
 if __name__ == "__main__":
     try:

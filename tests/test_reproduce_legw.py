@@ -55,7 +55,7 @@ def test_smoke_ladder_end_to_end_then_a_second_call_skips_every_run(driver, tmp_
     driver.main(args)  # a second call: every run is finished, nothing trains again
     record = json.loads((results / "provenance.json").read_text())
     assert record["steps"] and {s["action"] for s in record["steps"]} == {"skip"}
-    assert record["calls"] == 2 and "over 2 calls of the driver" in (results / "table.md").read_text().splitlines()[0]
+    assert record["calls"] == 2 and "of the driver over 2 calls" in (results / "table.md").read_text().splitlines()[0]
 
 
 # ----------------------------------------------------------------------------- the rules' arithmetic

@@ -1,0 +1,113 @@
+"""The drivers' shared pool (largebatch/drivers.py Runner): several threads (one per workload) queue runs on one
+pool; a free worker takes the run of the lowest priority first, each thread gets its own results back, and a
+failing run reaches only the thread that queued it. Threads stand in for the spawned processes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from largebatch.drivers import Clock, Job, Runner
+
+STARTED: list[str] = []
+RELEASE = threading.Event()
+
+
+def fake_worker(overrides: list[str], run_dir: str, threads: int) -> dict:
+    name = run_dir.rsplit("/", 1)[-1]
+    STARTED.append(name)
+    RELEASE.wait(10)
+    if name == "bad":
+        raise RuntimeError("this run broke")
+    return {"summary": {"name": name, "threads": threads}}
+
+
+class ThreadRunner(Runner):
+    worker = staticmethod(fake_worker)
+
+    def make_pool(self):
+        return ThreadPoolExecutor(self.jobs)
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    STARTED.clear()
+    RELEASE.clear()
+    yield
+    RELEASE.set()
+
+
+def jobs(tmp_path, names):
+    return [Job(["scale=tiny"], tmp_path / name) for name in names]
+
+
+def test_the_first_priority_takes_free_workers_first_and_each_thread_gets_its_own_results(tmp_path):
+    results = {}
+    with ThreadRunner(tmp_path, jobs=2, threads=1) as runner:
+        def queue(priority, names):
+            with runner.priority(priority):
+                results[priority] = runner.run_many(jobs(tmp_path, names))
+
+        late = threading.Thread(target=queue, args=(1, ["b1", "b2", "b3"]))
+        early = threading.Thread(target=queue, args=(0, ["a1", "a2", "a3"]))
+        late.start()
+        deadline = time.monotonic() + 20
+        while len(STARTED) < 2 and time.monotonic() < deadline:  # the later task took both idle workers
+            time.sleep(0.01)
+        early.start()
+        while runner._queue.qsize() < 4 and time.monotonic() < deadline:  # b3, a1, a2, a3 wait
+            time.sleep(0.01)
+        RELEASE.set()
+        late.join(20)
+        early.join(20)
+    assert STARTED[:2] == ["b1", "b2"]
+    assert STARTED[2:5] == ["a1", "a2", "a3"] and STARTED[5] == "b3"  # priority 0 before the queued b3
+    assert [r["name"] for r in results[0]] == ["a1", "a2", "a3"]
+    assert [r["name"] for r in results[1]] == ["b1", "b2", "b3"]
+    assert {s["run_dir"].rsplit("/", 1)[-1] for s in runner.steps} == {"a1", "a2", "a3", "b1", "b2", "b3"}
+
+
+def test_a_run_that_raises_fails_only_the_thread_that_queued_it(tmp_path):
+    RELEASE.set()
+    outcome = {}
+    with ThreadRunner(tmp_path, jobs=2, threads=1) as runner:
+        def queue(key, names):
+            try:
+                outcome[key] = runner.run_many(jobs(tmp_path, names))
+            except RuntimeError as error:
+                outcome[key] = error
+
+        threads = [threading.Thread(target=queue, args=("broken", ["ok1", "bad"])),
+                   threading.Thread(target=queue, args=("fine", ["ok2", "ok3"]))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+    assert isinstance(outcome["broken"], RuntimeError) and "broke" in str(outcome["broken"])
+    assert [r["name"] for r in outcome["fine"]] == ["ok2", "ok3"]
+
+
+def test_close_cancels_queued_runs(tmp_path):
+    runner = ThreadRunner(tmp_path, jobs=2, threads=1)
+    futures = [runner._enqueue(runner.prepare(job)) for job in jobs(tmp_path, ["r1", "r2", "r3", "r4"])]
+    deadline = time.monotonic() + 20
+    while len(STARTED) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    RELEASE.set()
+    runner.close()
+    assert [f.cancelled() for f in futures] == [False, False, True, True]
+    assert STARTED == ["r1", "r2"]
+
+
+def test_the_clock_saves_itself_while_the_driver_runs(tmp_path):
+    clock = Clock(tmp_path / "driver_time.json", autosave_s=0.05)
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "driver_time.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (tmp_path / "driver_time.json").exists()  # a killed driver keeps its time
+    clock.stop()
+    again = Clock(tmp_path / "driver_time.json")
+    assert again.calls == 2 and again.earlier_s >= 0.0
