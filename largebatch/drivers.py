@@ -23,10 +23,11 @@ import math
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,10 @@ CHECKPOINT_OVERRIDES = [f"checkpoint_every_epochs={CHECKPOINT_EVERY_EPOCHS}"]
 RESUME_OVERRIDES = ["resume=auto"]
 
 log = logging.getLogger("largebatch.drivers")
+
+
+class DriverStopped(LargebatchError):
+    """The driver was stopped by a signal; its runs checkpointed, and calling it again resumes them."""
 
 
 def rel(path: Path) -> str:
@@ -138,6 +143,7 @@ class Runner:
         self._lock = threading.Lock()
         self._pool = None
         self._dispatchers: list[threading.Thread] = []
+        self.stopping = False
 
     def __enter__(self) -> Runner:
         return self
@@ -155,6 +161,45 @@ class Runner:
         finally:
             self._local.priority = before
 
+    @contextmanager
+    def stop_on_signals(self) -> Iterator[None]:
+        """In the main thread: SIGTERM or SIGINT stops the driver cleanly (:meth:`stop`); a second one kills it."""
+
+        def handle(signum, frame):
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            log.warning("%s: stopping the runs after a checkpoint (again to exit at once)", signal.Signals(signum).name)
+            self.stop(signum)
+
+        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Cancel the queued runs and ask the running ones to stop after a checkpoint: SIGTERM to each worker
+        (a terminal's Ctrl-C reaches them itself, so SIGINT is not sent again: a second signal kills a run
+        before its checkpoint). Every :meth:`run_many` then raises :class:`DriverStopped`."""
+        self.stopping = True
+        with self._lock:
+            self._cancel_queued()
+            workers = list(getattr(self._pool, "_processes", None) or {})
+        if signum == signal.SIGTERM:
+            for pid in workers:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    def _cancel_queued(self) -> None:
+        """Cancel every queued run (with the lock held)."""
+        while not self._queue.empty():
+            *_, done = self._queue.get_nowait()
+            if done is not None:
+                done.cancel()
+
     def make_pool(self):
         """The worker pool: ``jobs`` spawned processes (forked ones can hang on a running OpenMP pool)."""
         return ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
@@ -162,10 +207,7 @@ class Runner:
     def close(self) -> None:
         """Stop the dispatchers and the pool: runs still queued are cancelled, running ones awaited."""
         with self._lock:
-            while not self._queue.empty():
-                *_, done = self._queue.get_nowait()
-                if done is not None:
-                    done.cancel()
+            self._cancel_queued()
             for _ in self._dispatchers:
                 self._queue.put((math.inf, 0.0, next(self._order), None, None))
             dispatchers, self._dispatchers = self._dispatchers, []
@@ -227,7 +269,14 @@ class Runner:
             return results
         queued = {i: self._enqueue(jobs[i]) for i in todo}
         for i, future in queued.items():
-            outcome, seconds = future.result()
+            try:
+                outcome, seconds = future.result()
+            except CancelledError:
+                outcome, seconds = {"interrupted": "cancelled before it started"}, None
+            if "interrupted" in outcome or self.stopping:
+                self._record(jobs[i], seconds, outcome.get("interrupted"))
+                raise DriverStopped(f"stopped by a signal ({rel(jobs[i].run_dir)}: {outcome.get('interrupted', 'done')});"
+                                    " call the driver again with the same arguments to resume")
             self._record(jobs[i], seconds, outcome.get("error"))
             if "error" in outcome:
                 log.warning("run %s failed: %s", rel(jobs[i].run_dir), outcome["error"][:300])
@@ -238,6 +287,9 @@ class Runner:
         """Queue ``job`` for the pool; the future gives (the worker's outcome, seconds)."""
         done: Future = Future()
         with self._lock:
+            if self.stopping:
+                done.cancel()
+                return done
             if self._pool is None:
                 self._pool = self.make_pool()
             while len(self._dispatchers) < self.jobs:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 
 def train_in_worker(overrides: list[str], run_dir: str, threads: int) -> dict:
-    """One ``lb-train`` run: {"summary": ...}, or {"error": ...} for a run that failed with a largebatch
-    error (a non-finite loss, a config problem); anything else propagates to the caller."""
+    """One ``lb-train`` run: {"summary": ...}, {"interrupted": ...} for a run stopped by a signal after a
+    checkpoint, or {"error": ...} for a run that failed with a largebatch error (a non-finite loss, a config
+    problem); anything else propagates to the caller."""
     import torch
 
     from largebatch.config import compose
@@ -22,7 +23,11 @@ def train_in_worker(overrides: list[str], run_dir: str, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING, force=True)
+    from largebatch.checkpoint import Interrupted
+
     try:
         return {"summary": train(compose(overrides), Path(run_dir))}
+    except Interrupted as stopped:  # SIGTERM from the driver (Runner.stop): checkpointed, resumable
+        return {"interrupted": str(stopped)}
     except LargebatchError as error:
         return {"error": f"{type(error).__name__}: {error}"}

@@ -316,7 +316,7 @@ def main(argv=None) -> list[Path]:
         finally:
             clock.stop()
 
-    with runner:
+    with runner, runner.stop_on_signals():
         if runner.jobs == 1 or len(tasks) == 1:
             return [one(i, task) for i, task in enumerate(tasks)]
         # One thread per task, one shared pool: the first task's runs go first, the later tasks' runs fill the

@@ -178,24 +178,25 @@ def _reproduce(args, scale: dict, out: Path, clock: Clock) -> Path:
     seeds = list(range(args.seeds if args.seeds is not None else scale["seeds"]))
     log.info("%s: %d job(s) at a time, %d torch thread(s) each; seeds %s", args.scale, jobs, runner.threads, seeds)
 
-    # 1. base learning rates
-    if scale["sweep"]:
-        lrs, sweep_record = sweep_base_lrs(runner, scale)
-    elif isinstance(scale["lrs"], str):
-        lrs, sweep_record = committed_lrs(scale["lrs"])
-    else:
-        lrs, sweep_record = dict(scale["lrs"]), {"note": f"fixed lrs at scale {args.scale} (no sweep)"}
+    with runner, runner.stop_on_signals():  # a signal checkpoints the runs and stops; the pool closes
+        # 1. base learning rates
+        if scale["sweep"]:
+            lrs, sweep_record = sweep_base_lrs(runner, scale)
+        elif isinstance(scale["lrs"], str):
+            lrs, sweep_record = committed_lrs(scale["lrs"])
+        else:
+            lrs, sweep_record = dict(scale["lrs"]), {"note": f"fixed lrs at scale {args.scale} (no sweep)"}
 
-    # 2. the ladder, LARS and the mixed batch: one pool
-    ladder = []
-    for opt in ("lamb", "adamw"):
-        ladder += [Job([*scale["train"], f"optimizer={opt}", f"optimizer.lr={lrs[opt]}", f"batch={b}", f"seed={s}"],
-                       runs / opt / f"batch={b},seed={s}") for b in scale["ladder"] for s in seeds]
-    ladder += [Job([*scale["train"], "optimizer=lars_paper", f"optimizer.lr={lrs['lars_paper']}", f"batch={b}",
-                    "seed=0"], runs / "lars_paper" / f"batch={b},seed=0") for b in scale["lars"]]
-    ladder.append(Job([*scale["train"], f"optimizer.lr={lrs['lamb']}", *scale["mixed"], "seed=0"],
-                      runs / "lamb_mixed" / "seed=0", experiment="lamb_mixed_batch"))
-    runner.run_many(ladder)
+        # 2. the ladder, LARS and the mixed batch: one pool
+        ladder = []
+        for opt in ("lamb", "adamw"):
+            ladder += [Job([*scale["train"], f"optimizer={opt}", f"optimizer.lr={lrs[opt]}", f"batch={b}", f"seed={s}"],
+                           runs / opt / f"batch={b},seed={s}") for b in scale["ladder"] for s in seeds]
+        ladder += [Job([*scale["train"], "optimizer=lars_paper", f"optimizer.lr={lrs['lars_paper']}", f"batch={b}",
+                        "seed=0"], runs / "lars_paper" / f"batch={b},seed=0") for b in scale["lars"]]
+        ladder.append(Job([*scale["train"], f"optimizer.lr={lrs['lamb']}", *scale["mixed"], "seed=0"],
+                          runs / "lamb_mixed" / "seed=0", experiment="lamb_mixed_batch"))
+        runner.run_many(ladder)
 
     # 3. downstream (runs scored by an earlier, interrupted call keep their scores); diverged runs have no model
     run_dirs = [job.run_dir for job in ladder]

@@ -111,3 +111,33 @@ def test_the_clock_saves_itself_while_the_driver_runs(tmp_path):
     clock.stop()
     again = Clock(tmp_path / "driver_time.json")
     assert again.calls == 2 and again.earlier_s >= 0.0
+
+
+def test_a_signal_stops_the_running_runs_after_a_checkpoint_and_a_second_call_resumes_them(tmp_path):
+    """Runner.stop (the drivers' SIGTERM handler): the real spawned worker checkpoints and stops, the thread
+    waiting on it gets DriverStopped, and the run folder is left for the next call to resume."""
+    import json
+    import signal
+
+    from largebatch.drivers import DriverStopped, run_action
+
+    run_dir = tmp_path / "run"
+    outcome = {}
+
+    def wait_for_it():
+        try:
+            outcome["result"] = runner.run_many([Job(["scale=tiny", "epochs=500", "log_every=1"], run_dir)])
+        except DriverStopped as stopped:
+            outcome["stopped"] = stopped
+
+    with Runner(tmp_path, jobs=2, threads=1) as runner:
+        waiting = threading.Thread(target=wait_for_it)
+        waiting.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (run_dir / "metrics.jsonl").is_file():  # training, handler on
+            time.sleep(0.1)
+        runner.stop(signal.SIGTERM)
+        waiting.join(120)
+    assert "stopped" in outcome and "again with the same arguments" in str(outcome["stopped"])
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+    assert run_action(run_dir) == "resume" and any((run_dir / "checkpoints").iterdir())
