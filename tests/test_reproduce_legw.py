@@ -179,3 +179,7 @@ def test_the_claim_shows_when_only_legw_holds_a_lower_is_better_metric(tmp_path)
     text = "\n".join(out["statements"])
     assert "LEGW's claim shows here: sqrt + LEGW holds the base metric up to batch 320 (16x)" in text
     assert "at batch 80 (4x) it falls off: 103, worse by 2.5 (2.5%), beyond the band 1.41" in text  # 2 x the base seeds' std
+    # the fake curves fall linearly from 2 x final over 4 evals of 1024 samples: the base's seed 0 (100) crosses
+    # 100.5 at step 50.74 of 51, legw's seed 1 at 320 (100.2) at step 3.0 of 3: 16.9x fewer steps
+    assert "Speed-up to the target over the base batch (50.7 steps, 25.4 s)" in text
+    assert "sqrt + LEGW 16.9x fewer steps at batch 320 (16x)" in text and "linear (Goyal) never reaches it" in text

@@ -184,8 +184,31 @@ def statements(base: Rung, assessed: dict[str, dict], target: float | None, metr
                 f"spread (band {x['band']:.3g} = 2 x pooled std {x['spread']:.3g}): the seeds cannot tell it from "
                 "the target (more seeds would)" for x in noisy)
         lines.append(text + ".")
+    lines += _speedups(base, assessed)
     lines += _verdict(base, assessed, warmup_epochs)
     return lines
+
+
+def _speedups(base: Rung, assessed: dict[str, dict]) -> list[str]:
+    """LEGW's "speed-up over the baseline" (its 5.3x), measured: per rule, the rung above the base that
+    reaches the target in the fewest steps, against the base's steps and this machine's seconds."""
+    s0, t0 = base.mean("steps_to_target"), base.mean("time_to_target_s")
+    if not s0:
+        return []
+    parts = []
+    for rule, a in assessed.items():
+        reached = [x["rung"] for x in a["rungs"] if x["rung"].mean("steps_to_target")]
+        if not reached:
+            parts.append(f"{RULE_NAMES.get(rule, rule)} never reaches it above the base batch")
+            continue
+        best = min(reached, key=lambda r: r.mean("steps_to_target"))
+        t = best.mean("time_to_target_s")
+        parts.append(f"{RULE_NAMES.get(rule, rule)} {s0 / best.mean('steps_to_target'):.3g}x fewer steps at batch "
+                     f"{best.batch} ({_k(best, base)})" + (f", {t0 / t:.2g}x the speed in seconds" if t and t0 else ""))
+    return [f"Speed-up to the target over the base batch ({s0:.4g} steps"
+            + (f", {t0:.3g} s" if t0 else "") + "), the best rung per rule: " + "; ".join(parts)
+            + ". Seconds are at each run's own step rate: where a step's cost grows with the batch (one CPU thread "
+            "per run here) they follow the samples, not the steps; parallel hardware turns fewer steps into time."]
 
 
 def _verdict(base: Rung, assessed: dict[str, dict], warmup_epochs: float | None) -> list[str]:
