@@ -131,6 +131,7 @@ class Runner:
 
     default_experiment: str | None = None
     worker = staticmethod(train_in_worker)  # what a pool worker runs (overrides, run_dir, threads) -> outcome
+    settle_s = 0.0  # the pool waits this long after the first queued run, so every thread can queue its first
 
     def __init__(self, out: Path, jobs: int = 1, threads: int | None = None,
                  checkpoint_every: float = CHECKPOINT_EVERY_EPOCHS):
@@ -302,6 +303,7 @@ class Runner:
 
     def _dispatch(self, pool) -> None:
         """One worker's dispatcher: the queued run that comes first, to the pool, until :meth:`close`."""
+        time.sleep(self.settle_s)
         while True:
             *_, job, done = self._queue.get()
             if job is None:

@@ -307,6 +307,9 @@ def main(argv=None) -> list[Path]:
     runner = LegwRunner(work_root, jobs=jobs, scale=scale,
                         checkpoint_every=scale.get("checkpoint_every", CHECKPOINT_EVERY_EPOCHS))
     tasks = args.task or list(TASKS)
+    # Composing a task's configs takes seconds: let every task queue its first runs before the pool takes one,
+    # or the quickest to compose, not the first, gets the workers.
+    runner.settle_s = 20.0 if len(tasks) > 1 else 0.0
 
     def one(i: int, task: str) -> Path:
         work = work_root / task

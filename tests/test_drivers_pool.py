@@ -70,6 +70,21 @@ def test_the_first_priority_takes_free_workers_first_and_each_thread_gets_its_ow
     assert {s["run_dir"].rsplit("/", 1)[-1] for s in runner.steps} == {"a1", "a2", "a3", "b1", "b2", "b3"}
 
 
+def test_runs_queued_within_the_settling_time_start_in_priority_order(tmp_path):
+    """The later task queues first (it composed its configs sooner); the pool waits settle_s, then takes the
+    earlier task's runs first."""
+    RELEASE.set()
+    runner = ThreadRunner(tmp_path, jobs=2, threads=1)
+    runner.settle_s = 1.0
+    late = [runner._enqueue(runner.prepare(j)) for j in jobs(tmp_path, ["b1", "b2"])]
+    with runner.priority(-1):
+        early = [runner._enqueue(runner.prepare(j)) for j in jobs(tmp_path, ["a1", "a2"])]
+    for future in late + early:
+        future.result(20)
+    runner.close()
+    assert STARTED[:2] == ["a1", "a2"]
+
+
 def test_a_run_that_raises_fails_only_the_thread_that_queued_it(tmp_path):
     RELEASE.set()
     outcome = {}
