@@ -183,3 +183,33 @@ def test_the_claim_shows_when_only_legw_holds_a_lower_is_better_metric(tmp_path)
     # 100.5 at step 50.74 of 51, legw's seed 1 at 320 (100.2) at step 3.0 of 3: 16.9x fewer steps
     assert "Speed-up to the target over the base batch (50.7 steps, 25.4 s)" in text
     assert "sqrt + LEGW 16.9x fewer steps at batch 320 (16x)" in text and "linear (Goyal) never reaches it" in text
+
+
+# ----------------------------------------------------------------------------- the committed tables
+def _committed():
+    from conftest import REPO
+
+    return sorted(p.parent for p in (REPO / "results" / "legw").glob("*/provenance.json"))
+
+
+@pytest.mark.parametrize("folder", _committed(), ids=lambda p: p.name)
+def test_a_committed_table_is_what_its_run_records_give(folder, tmp_path):
+    """results/legw/<task>/table.md is the report of the run records committed beside it, not edited by hand:
+    rendered again from runs/<rule>/batch=B,seed=S/ with the recorded metric and tolerance, it is the same."""
+    record = json.loads((folder / "provenance.json").read_text())
+    entries = []
+    for run in (folder / "runs").glob("*/batch=*,seed=*"):
+        batch, seed = (int(part.split("=")[1]) for part in run.name.split(","))
+        entries.append({"rule": run.parent.name, "batch": batch, "seed": seed, "dir": run,
+                        "record": f"runs/{run.parent.name}/{run.name}"})
+    order = ["base", "legw", "sqrt", "linear", "none"]  # the driver's (ladder_jobs)
+    entries.sort(key=lambda e: (order.index(e["rule"]), e["batch"], e["seed"]))
+    assert {e["record"] for e in entries} == set(record["runs"])
+    committed = (folder / "table.md").read_text()
+    title = committed.splitlines()[0].removeprefix("# ")
+    claim = committed.split("Paper's claim: ", 1)[1].split(".\n", 1)[0]
+    write_legw_report(entries, tmp_path, task=record["task"], metric=record["metric"],
+                      higher_is_better=record["higher_is_better"], tolerance=record["tolerance_relative"],
+                      title=title, claim=claim)
+    assert (tmp_path / "table.md").read_text() == committed
+    assert (tmp_path / "runs.csv").read_text() == (folder / "runs.csv").read_text()
