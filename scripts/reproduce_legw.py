@@ -96,9 +96,9 @@ SCALES = {
         results="results/legw", seeds=2, max_widen=1,
         tasks={
             # 1 epoch of full PTB (Zaremba: 13), at the peak lr throughout as Zaremba's first (he keeps the peak
-            # for 4 of 13 epochs, then x0.5 per epoch); 36 steps at batch 1280. Measured: ~12.5 min a 2-epoch run
-            # on one thread at every rung (the 10k-word softmax dominates), so 2 epochs cost ~160 min of the
-            # machine, past the 90-minute budget; 1 epoch ~80.
+            # for 4 of 13 epochs, then x0.5 per epoch); 36 steps at batch 1280. A 2-epoch run took ~13 min at batch 20
+            # on one thread, and larger rungs cost about as much per token (the 10k-word softmax dominates): 2
+            # epochs would take ~160 min of the machine, past the 90-minute budget; 1 epoch ~80.
             "ptb": dict(train=["epochs=1", "eval_every_epochs=0.25", "micro_batch=80"],
                         ladder=[20, 80, 320, 640, 1280], lr_grid=[0.3, 1.0, 3.0], warmup=0.0,
                         warmup_grid=[0.0, 0.0078125, 0.015625]),
