@@ -185,6 +185,17 @@ def test_the_claim_shows_when_only_legw_holds_a_lower_is_better_metric(tmp_path)
     assert "sqrt + LEGW 16.9x fewer steps at batch 320 (16x)" in text and "linear (Goyal) never reaches it" in text
 
 
+def test_when_legw_stops_short_the_table_says_which_rules_hold_as_far_and_which_stop_before(tmp_path):
+    finals = {("base", 32): [0.90, 0.90], ("legw", 128): [0.899], ("legw", 256): [0.80, 0.81],
+              ("sqrt", 128): [0.898], ("sqrt", 256): [0.79, 0.80], ("linear", 128): [0.85], ("linear", 256): [0.5, 0.52],
+              ("none", 128): [0.86], ("none", 256): [0.70, 0.71]}
+    out = write_legw_report(_ladder(tmp_path / "runs", "eval/accuracy", finals), tmp_path / "report", task="t",
+                            metric="eval/accuracy", higher_is_better=True, tolerance=0.01)
+    assert ("The effect does not show in full: sqrt + LEGW holds only up to batch 128 of 256 (4x of 8x); "
+            "sqrt (no LEGW) hold(s) as far; linear (Goyal) (up to 32), none (up to 32) stop(s) before it.") \
+        in "\n".join(out["statements"])
+
+
 # ----------------------------------------------------------------------------- the committed tables
 def _committed():
     from conftest import REPO

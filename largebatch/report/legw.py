@@ -233,10 +233,17 @@ def _verdict(base: Rung, assessed: dict[str, dict], warmup_epochs: float | None)
                      + ", so this ladder cannot separate the rules. Separating them would take more steps at the "
                      "top rungs (longer runs) or the paper-scale ladders (SCALE=gpu, experiments/legw/README.md).")
     else:
-        better = [RULE_NAMES.get(r, r) for r, b in others.items() if b > reach["legw"]]
-        lines.append(f"The effect does not show: sqrt + LEGW holds only up to batch {reach['legw']} of {top}"
-                     + (f", and {', '.join(better)} reach(es) further" if better else
-                        ", and no other rule reaches further")
+        def names(pick):
+            return ", ".join(f"{RULE_NAMES.get(r, r)}" + (f" (up to {b})" if b != reach["legw"] else "")
+                             for r, b in others.items() if pick(b))
+
+        further, level, less = (names(lambda b: b > reach["legw"]), names(lambda b: b == reach["legw"]),
+                                names(lambda b: b < reach["legw"]))
+        lines.append(f"The effect does not show in full: sqrt + LEGW holds only up to batch {reach['legw']} of {top} "
+                     f"({reach['legw'] / base.batch:g}x of {top / base.batch:g}x)"
+                     + "".join(f"; {text} {verb}" for text, verb in ((further, "reach(es) further"),
+                                                                   (level, "hold(s) as far"),
+                                                                   (less, "stop(s) before it")) if text)
                      + ". Testing the claim would take more epochs (more steps at the top rungs), more seeds where "
                      "the gaps are within the seeds' spread, or the paper-scale runs (SCALE=gpu).")
     return lines
