@@ -238,6 +238,10 @@ def ladder_jobs(task: str, scale: dict, work: Path, lr: float, warmup: float, se
     for rule in RULES:
         for b in ladder[1:]:
             for s in seeds if b == ladder[-1] else seeds[:1]:
+                if rule == "legw" and warmup == 0:  # k x 0 epochs: LEGW is sqrt, the same runs (run once)
+                    jobs[rule, b, s] = Job(run_overrides(task, scale, "sqrt", b, lr, warmup, s),
+                                           work / "runs" / "sqrt" / f"batch={b},seed={s}")
+                    continue
                 jobs[rule, b, s] = Job(run_overrides(task, scale, rule, b, lr, warmup, s),
                                        work / "runs" / rule / f"batch={b},seed={s}")
     return jobs
@@ -249,12 +253,13 @@ def reproduce_task(task: str, args, scale: dict, runner: LegwRunner, work: Path,
     seeds = list(range(args.seeds if args.seeds is not None else scale["seeds"]))
     lr, warmup, record = sweep_base(runner, task, scale, work)
     jobs = ladder_jobs(task, scale, work, lr, warmup, seeds)
-    runner.run_many(list(jobs.values()))
+    runner.run_many(list({job.run_dir: job for job in jobs.values()}.values()))  # a folder shared by rules: once
     if results.exists():
         shutil.rmtree(results)
     entries = [{"rule": rule, "batch": b, "seed": s, "dir": job.run_dir,
                 "record": f"runs/{rule}/batch={b},seed={s}"} for (rule, b, s), job in jobs.items()]
-    copy_run_records({e["dir"]: e["record"] for e in entries}, results)
+    for e in entries:  # one by one: with no base warmup a sqrt run is also the legw rung's
+        copy_run_records({e["dir"]: e["record"]}, results)
     atomic_write_json(results / "sweep.json", record)
     # Training time of every run of the task (sweep included), from the runs' own summaries, and the driver's
     # elapsed time: run with other tasks, it shares the workers with them, so the first is the task's cost.

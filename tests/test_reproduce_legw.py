@@ -93,6 +93,17 @@ def test_each_rule_scales_lr_and_warmup_per_rung_in_the_real_plans(driver, task)
             assert at_top.warmup_steps < at_base.warmup_steps  # the same epochs are fewer steps at a larger batch
 
 
+def test_with_no_base_warmup_legw_is_sqrt_and_its_runs_are_sqrts(driver, tmp_path):
+    """k x 0 epochs of warmup is none: the legw rungs are the sqrt runs (one folder, trained once)."""
+    scale = driver.SCALES["small"]
+    none_ = driver.ladder_jobs("ptb", scale, tmp_path, 1.0, 0.0, [0, 1])
+    assert all(none_["legw", b, s].run_dir == none_["sqrt", b, s].run_dir
+               and "scaling=sqrt" in none_["legw", b, s].overrides for (rule, b, s) in none_ if rule == "legw")
+    some = driver.ladder_jobs("ptb", scale, tmp_path, 1.0, 0.0078125, [0, 1])
+    assert len({job.run_dir for job in some.values()}) == len(some)  # with a warmup every rule runs its own
+    assert len({job.run_dir for job in none_.values()}) == len(none_) - 5  # 3 middle rungs + 2 top seeds
+
+
 def test_every_scale_ladder_has_its_papers_span(driver):
     """64x for the LSTMs, 16x for seq2seq, >= 32x for the ResNet; >= 5 rungs beyond smoke; the base warmup
     grid never exceeds what LEGW can scale to the top rung within the run."""

@@ -216,7 +216,7 @@ def _verdict(base: Rung, assessed: dict[str, dict], warmup_epochs: float | None)
     lines = []
     if warmup_epochs == 0:
         lines.append("The base warmup chosen is 0 epochs, so LEGW's warmup (k x 0) is none at every rung and "
-                     "'sqrt + LEGW' runs the same schedule as 'sqrt': this ladder cannot separate them.")
+                     "'sqrt + LEGW' is 'sqrt' (the driver runs them once, as sqrt): this ladder cannot separate them.")
     legw = assessed.get("legw")
     if legw is None:
         return lines + ["No LEGW ladder was run."]
