@@ -41,6 +41,7 @@ from largebatch.config import compose  # noqa: E402
 from largebatch.drivers import (  # noqa: E402
     CHECKPOINT_EVERY_EPOCHS,
     Clock,
+    DriverStopped,
     Job,
     Runner,
     copy_run_records,
@@ -333,6 +334,8 @@ def main(argv=None) -> list[Path]:
         with ThreadPoolExecutor(len(tasks), thread_name_prefix="task") as threads:
             futures = [threads.submit(one, i, task) for i, task in enumerate(tasks)]
         failed = [(task, f.exception()) for task, f in zip(tasks, futures) if f.exception() is not None]
+        if any(isinstance(error, DriverStopped) for _, error in failed):
+            raise next(error for _, error in failed if isinstance(error, DriverStopped))  # one line, not one a task
         for task, error in failed:
             log.error("%s failed: %s: %s", task, type(error).__name__, error)
         if failed:
