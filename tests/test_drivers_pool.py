@@ -4,6 +4,7 @@ failing run reaches only the thread that queued it. Threads stand in for the spa
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ import pytest
 from largebatch.drivers import Clock, Job, Runner
 
 STARTED: list[str] = []
+TAKEN: list[str] = []
 RELEASE = threading.Event()
 
 
@@ -25,8 +27,23 @@ def fake_worker(overrides: list[str], run_dir: str, threads: int) -> dict:
     return {"summary": {"name": name, "threads": threads}}
 
 
+class RecordingQueue(queue.PriorityQueue):
+    """The runner's queue, recording the order its runs are taken in (``_get`` runs under the queue's lock:
+    the order the workers then start in is a race, this one is not)."""
+
+    def _get(self):
+        item = super()._get()
+        if item[3] is not None:
+            TAKEN.append(item[3].run_dir.name)
+        return item
+
+
 class ThreadRunner(Runner):
     worker = staticmethod(fake_worker)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._queue = RecordingQueue()
 
     def make_pool(self):
         return ThreadPoolExecutor(self.jobs)
@@ -35,6 +52,7 @@ class ThreadRunner(Runner):
 @pytest.fixture(autouse=True)
 def _reset():
     STARTED.clear()
+    TAKEN.clear()
     RELEASE.clear()
     yield
     RELEASE.set()
@@ -63,8 +81,7 @@ def test_the_first_priority_takes_free_workers_first_and_each_thread_gets_its_ow
         RELEASE.set()
         late.join(20)
         early.join(20)
-    assert STARTED[:2] == ["b1", "b2"]
-    assert STARTED[2:5] == ["a1", "a2", "a3"] and STARTED[5] == "b3"  # priority 0 before the queued b3
+    assert TAKEN == ["b1", "b2", "a1", "a2", "a3", "b3"]  # priority 0 before the queued b3
     assert [r["name"] for r in results[0]] == ["a1", "a2", "a3"]
     assert [r["name"] for r in results[1]] == ["b1", "b2", "b3"]
     assert {s["run_dir"].rsplit("/", 1)[-1] for s in runner.steps} == {"a1", "a2", "a3", "b1", "b2", "b3"}
@@ -72,17 +89,18 @@ def test_the_first_priority_takes_free_workers_first_and_each_thread_gets_its_ow
 
 def test_runs_queued_within_the_settling_time_start_in_priority_order(tmp_path):
     """The later task queues first (it composed its configs sooner); the pool waits settle_s, then takes the
-    earlier task's runs first."""
-    RELEASE.set()
+    earlier task's runs first: they hold both workers while the later task's wait."""
     runner = ThreadRunner(tmp_path, jobs=2, threads=1)
     runner.settle_s = 1.0
-    late = [runner._enqueue(runner.prepare(j)) for j in jobs(tmp_path, ["b1", "b2"])]
+    b_jobs, a_jobs = ([runner.prepare(j) for j in jobs(tmp_path, names)] for names in (["b1", "b2"], ["a1", "a2"]))
+    late = [runner._enqueue(j) for j in b_jobs]  # composed beforehand: queued within the settling time
     with runner.priority(-1):
-        early = [runner._enqueue(runner.prepare(j)) for j in jobs(tmp_path, ["a1", "a2"])]
+        early = [runner._enqueue(j) for j in a_jobs]
+    RELEASE.set()
     for future in late + early:
         future.result(20)
     runner.close()
-    assert STARTED[:2] == ["a1", "a2"]
+    assert TAKEN == ["a1", "a2", "b1", "b2"]
 
 
 def test_a_run_that_raises_fails_only_the_thread_that_queued_it(tmp_path):
@@ -114,7 +132,7 @@ def test_close_cancels_queued_runs(tmp_path):
     RELEASE.set()
     runner.close()
     assert [f.cancelled() for f in futures] == [False, False, True, True]
-    assert STARTED == ["r1", "r2"]
+    assert sorted(STARTED) == ["r1", "r2"]  # r3 and r4 never started
 
 
 def test_the_clock_saves_itself_while_the_driver_runs(tmp_path):
