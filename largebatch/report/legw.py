@@ -325,6 +325,9 @@ def plot_metric_vs_batch(base: Rung, rules: dict, target, band, metric: str, pat
     if target is not None:
         ax.axhline(target, color="k", lw=0.8, ls="--", label="target (base batch)")
         ax.axhspan(target - band, target + band, color="k", alpha=0.08, label="tolerance band")
+    values = [r.mean() for ladder in rules.values() for r in ladder if r.mean() is not None]
+    if values and min(values) > 0 and max(values) > 10 * min(values):  # a blown-up run (perplexity 1e26)
+        ax.set_yscale("log")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel(metric)
