@@ -133,7 +133,8 @@ class LanguageModelTask(Task):
                     out = model(chunk[:, :-1], chunk[:, 1:], state)
                 loss_sum, count, state = loss_sum + out["loss_sum"].item(), count + out["count"], out["state"]
             loss = loss_sum / count
-            result.update({f"{prefix}/loss": loss, f"{prefix}/ppl": math.exp(loss), f"{prefix}/tokens": count})
+            ppl = math.exp(loss) if loss < 709.0 else math.inf  # a blown-up model's exp overflows a float
+            result.update({f"{prefix}/loss": loss, f"{prefix}/ppl": ppl, f"{prefix}/tokens": count})
         model.train()
         return result
 
