@@ -133,7 +133,7 @@ class LanguageModelTask(Task):
                     out = model(chunk[:, :-1], chunk[:, 1:], state)
                 loss_sum, count, state = loss_sum + out["loss_sum"].item(), count + out["count"], out["state"]
             loss = loss_sum / count
-            ppl = math.exp(loss) if loss < 709.0 else math.inf  # a blown-up model's exp overflows a float
+            ppl = math.exp(loss) if loss < 709.0 else None  # past a float (a blown-up model): no number, as JSON allows
             result.update({f"{prefix}/loss": loss, f"{prefix}/ppl": ppl, f"{prefix}/tokens": count})
         model.train()
         return result
