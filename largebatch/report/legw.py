@@ -59,17 +59,23 @@ class Rung:
 
     def std(self, key: str = "metric") -> float | None:
         v = self.values(key)
-        return statistics.stdev(v) if len(v) >= 2 else None
+        try:
+            return statistics.stdev(v) if len(v) >= 2 else None
+        except OverflowError:  # blown-up runs (perplexities of 1e89 and 1e206): no spread to speak of
+            return None
 
 
 def pooled_std(a: Rung, b: Rung) -> float | None:
     """The pooled sample std of two rungs' seeds (a single-seed rung adds nothing); None without seeds."""
     num = dof = 0.0
-    for rung in (a, b):
-        v = rung.values()
-        if len(v) >= 2:
-            num += (len(v) - 1) * statistics.variance(v)
-            dof += len(v) - 1
+    try:
+        for rung in (a, b):
+            v = rung.values()
+            if len(v) >= 2:
+                num += (len(v) - 1) * statistics.variance(v)
+                dof += len(v) - 1
+    except OverflowError:  # blown-up runs: the band falls back to the tolerance
+        return None
     return math.sqrt(num / dof) if dof else None
 
 
