@@ -141,7 +141,12 @@ def assess(rungs: list[Rung], target: float, tolerance: float, higher_is_better:
             verdict, gap = "missing", None
         else:
             gap = (target - mean) if higher_is_better else (mean - target)
-            verdict = "holds" if gap <= tolerance * abs(target) else "noise" if gap <= band else "off"
+            # within the seeds' spread only where a seed itself reaches the tolerance (blown-up seeds, far
+            # apart, have a wide spread that says nothing about the target)
+            seeds = [(target - v) if higher_is_better else (v - target) for v in rung.values()]
+            straddles = min(seeds) <= tolerance * abs(target)
+            verdict = ("holds" if gap <= tolerance * abs(target)
+                       else "noise" if gap <= band and straddles else "off")
         out.append({"rung": rung, "gap": gap, "band": band, "spread": spread, "verdict": verdict})
         if not broken and verdict in ("holds", "noise"):
             holds_up_to = rung.batch
