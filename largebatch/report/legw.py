@@ -339,11 +339,15 @@ def plot_metric_vs_batch(base: Rung, rules: dict, target, band, metric: str, pat
     values = [r.mean() for ladder in rules.values() for r in ladder if r.mean() is not None]
     if values and min(values) > 0 and max(values) > 10 * min(values):  # a blown-up run (perplexity 1e26)
         ax.set_yscale("log")
+        if target is not None and max(values) > 1e3 * abs(target):  # keep the rules that did not blow up legible
+            ax.set_ylim(min(values) / 2, 1e3 * abs(target))
+            ax.set_title(f"{metric}, fixed epoch budget (cut at 1000x the target)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel(metric)
     ax.legend(fontsize=8)
-    ax.set_title(f"{metric} at a fixed epoch budget")
+    if not ax.get_title():
+        ax.set_title(f"{metric} at a fixed epoch budget")
     return save_figure(fig, path, 120)
 
 
