@@ -386,12 +386,18 @@ def widening_sweep(grid: dict[str, list[float]], run: Callable[[list[tuple[str, 
 
 class Clock:
     """Wall time of this driver over every call on one work folder (an interrupted call included). With
-    ``autosave_s``, a daemon thread saves it that often, so a killed driver loses at most that much."""
+    ``autosave_s``, a daemon thread saves it that often, so a killed driver loses at most that much.
+
+    A call that trained nothing (every run had finished earlier: it only re-renders the report) is not a
+    call: :meth:`idle` takes it back. ``shared_with`` gathers, over the calls, the other tasks that shared
+    the workers."""
 
     def __init__(self, path: Path, autosave_s: float | None = None):
         self.path, self.started = path, time.perf_counter()
         earlier = read_json(path) or {}
         self.earlier_s, self.calls = float(earlier.get("seconds", 0.0)), int(earlier.get("calls", 0)) + 1
+        self.shared_with: set[str] = set(earlier.get("shared_with", []))
+        self._idle = False
         self._stopped = threading.Event()
         if autosave_s:
             threading.Thread(target=self._autosave, args=(autosave_s,), daemon=True, name="clock").start()
@@ -405,12 +411,21 @@ class Clock:
         self._stopped.set()
         self.save()
 
+    def idle(self) -> None:
+        """This call did no work: neither its time nor the call itself counts."""
+        if not self._idle:
+            self._idle, self.calls = True, self.calls - 1
+            self.save()
+
     def total_s(self) -> float:
-        return self.earlier_s + time.perf_counter() - self.started
+        return self.earlier_s + (0.0 if self._idle else time.perf_counter() - self.started)
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path, {"seconds": round(self.total_s(), 1), "calls": self.calls})
+        record = {"seconds": round(self.total_s(), 1), "calls": self.calls}
+        if self.shared_with:
+            record["shared_with"] = sorted(self.shared_with)
+        atomic_write_json(self.path, record)
 
 
 def copy_run_records(folders: dict[Path, Path], dest_root: Path,

@@ -255,6 +255,15 @@ def reproduce_task(task: str, args, scale: dict, runner: LegwRunner, work: Path,
     lr, warmup, record = sweep_base(runner, task, scale, work)
     jobs = ladder_jobs(task, scale, work, lr, warmup, seeds)
     runner.run_many(list({job.run_dir: job for job in jobs.values()}.values()))  # a folder shared by rules: once
+    # A call that found every run finished only re-renders: it neither counts as a call nor shared the workers.
+    trained = any(s["action"] not in ("skip", "diverged") for s in runner.steps
+                  if s["run_dir"].startswith(rel(work) + "/"))
+    earlier = read_json(results / "provenance.json") or {}
+    if trained:
+        clock.shared_with.update(t for t in together if t != task)
+    else:
+        clock.idle()
+    others = sorted(clock.shared_with | set(earlier.get("run_together_with", []) if not trained else []))
     if results.exists():
         shutil.rmtree(results)
     entries = [{"rule": rule, "batch": b, "seed": s, "dir": job.run_dir,
@@ -267,7 +276,6 @@ def reproduce_task(task: str, args, scale: dict, runner: LegwRunner, work: Path,
     run_s = sum(float(s.get("wall_time_s") or 0.0) for s in map(read_json, [*work.glob("sweep/*/summary.json"),
                                                                          *work.glob("runs/*/*/summary.json")])
                 if isinstance(s, dict))
-    others = [t for t in together if t != task]
     legw_report.write_legw_report(
         [{**e, "dir": results / e["record"]} for e in entries], results, task=task, metric=TASKS[task]["metric"],
         higher_is_better=TASKS[task]["higher_is_better"], tolerance=TASKS[task]["tolerance"],

@@ -4,6 +4,7 @@ failing run reaches only the thread that queued it. Threads stand in for the spa
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -144,6 +145,25 @@ def test_the_clock_saves_itself_while_the_driver_runs(tmp_path):
     clock.stop()
     again = Clock(tmp_path / "driver_time.json")
     assert again.calls == 2 and again.earlier_s >= 0.0
+
+
+def test_a_call_that_did_no_work_is_not_counted_and_the_tasks_that_shared_the_workers_add_up(tmp_path):
+    path = tmp_path / "driver_time.json"
+    first = Clock(path)
+    first.shared_with.add("ptb")
+    first.stop()
+    seconds = json.loads(path.read_text())["seconds"]
+    second = Clock(path)
+    second.shared_with.add("resnet")
+    second.stop()
+    rerender = Clock(path)
+    time.sleep(0.01)
+    rerender.idle()
+    assert rerender.calls == 2 and rerender.total_s() == pytest.approx(json.loads(path.read_text())["seconds"])
+    rerender.stop()
+    record = json.loads(path.read_text())
+    assert record["calls"] == 2 and record["seconds"] >= seconds and record["shared_with"] == ["ptb", "resnet"]
+    assert Clock(path).calls == 3
 
 
 def test_a_signal_stops_the_running_runs_after_a_checkpoint_and_a_second_call_resumes_them(tmp_path):

@@ -52,10 +52,13 @@ def test_smoke_ladder_end_to_end_then_a_second_call_skips_every_run(driver, tmp_
         assert (results / "runs" / rule / "batch=64,seed=0" / "metrics.jsonl").is_file()
     assert (results / "runs" / "base" / "batch=16,seed=0" / "config.yaml").is_file()
 
-    driver.main(args)  # a second call: every run is finished, nothing trains again
+    first = json.loads((tmp_path / "work" / "mnist_lstm" / "driver_time.json").read_text())
+    driver.main(args)  # a second call: every run is finished, nothing trains again: it only re-renders
     record = json.loads((results / "provenance.json").read_text())
     assert record["steps"] and {s["action"] for s in record["steps"]} == {"skip"}
-    assert record["calls"] == 2 and "of the driver over 2 calls" in (results / "table.md").read_text().splitlines()[0]
+    assert record["calls"] == first["calls"] == 1 and record["wall_time_s"] == first["seconds"]
+    assert " calls " not in (results / "table.md").read_text().splitlines()[0]
+    assert record["run_together_with"] == []
 
 
 # ----------------------------------------------------------------------------- the rules' arithmetic
