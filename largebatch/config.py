@@ -251,6 +251,7 @@ class TrainConfig:
     eval_every_epochs: float = 0.5
     eval_max_batches: int | None = None
     eval_batch: int = 64
+    final_eval: bool = True
     log_every: int = 10
     precision: str = "auto"  # auto (bf16 where the device computes it natively, else fp32) | no | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda

@@ -336,7 +336,7 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
     bar.close()
     wall = earlier_sessions_s + time.perf_counter() - session_start
     with parallel.evaluation(model):  # not part of the training time
-        final_eval = task.final_evaluate(model, accelerator, plans[-1], run_dir)
+        final_eval = task.final_evaluate(model, accelerator, plans[-1], run_dir) if cfg.final_eval else {}
     if final_eval:
         recorder.log({"step": state.step, "stage": plans[-1].name, "samples": state.samples, **final_eval})
 

@@ -70,8 +70,11 @@ TASKS = {
     "resnet": dict(base=["experiment=resnet20_fashion", "schedule.warmup_init_lr=0.0"], metric="eval/accuracy",
                    higher_is_better=True, tolerance=0.01,
                    paper="ImageNet ResNet-50 in LEGW's appendix; here ResNet-20 on Fashion-MNIST, 32x"),
-    "seq2seq": dict(base=["model=seq2seq", "data=verses"], metric="eval/bleu", higher_is_better=True,
-                    tolerance=0.03, paper="GNMT: batch 128 -> 2048 (16x) at the base's BLEU (here 32 -> 512)"),
+    # Valid token perplexity, not GNMT's BLEU: the models these budgets train score BLEU below 1, which is noise
+    # (experiments/legw/README.md); every run still logs its greedy valid BLEU beside the perplexity.
+    "seq2seq": dict(base=["model=seq2seq", "data=verses"], metric="eval/ppl", higher_is_better=False,
+                    tolerance=0.01, paper="GNMT: batch 128 -> 2048 (16x) at the base's BLEU (here 32 -> 512, "
+                    "valid perplexity)"),
 }
 
 # Per scale and task: ``train`` (overrides of every run), ``ladder`` (base first), ``seeds`` (on the base and
@@ -107,10 +110,12 @@ SCALES = {
             "mnist_lstm": dict(train=["epochs=15", "data.max_train=57344", "eval_every_epochs=1.0"],
                                ladder=[128, 512, 1024, 2048, 4096, 8192], lr_grid=[3e-4, 1e-3, 3e-3], warmup=0.0,
                                warmup_grid=[0.0, 0.05, 0.1]),
-            # 2x256 on 16,384 verse pairs (32 x 512: the first 16,428 less the 44 over 80 BPE tokens, measured)
-            # for 2 epochs: 64 steps at batch 512; 200 valid pairs.
-            "seq2seq": dict(train=["scale=small", "data.max_train=16428", "data.max_eval=200", "epochs=2",
-                                   "eval_every_epochs=0.5", "micro_batch=32"],
+            # 2x128 on 4,096 verse pairs (8 x 512: the first 4,097 less the one over 80 BPE tokens, measured) for
+            # 2 epochs: 16 steps at batch 512; 200 valid pairs, no beam-search test decode. Every rung runs
+            # micro-batches of 32: a micro-batch of 512 trains fewer pairs a second on this CPU, not more (its
+            # 512 x 80 x 8,000 logits). 2x256 on 16,384 pairs, the first plan, ran 21 pairs/s: ~26 min a run.
+            "seq2seq": dict(train=["scale=small", "model.hidden=128", "data.max_train=4097", "data.max_eval=200",
+                                   "epochs=2", "eval_every_epochs=0.5", "micro_batch=32", "final_eval=false"],
                             ladder=[32, 64, 128, 256, 512], lr_grid=[3e-4, 1e-3, 3e-3], warmup=0.0,
                             warmup_grid=[0.0, 0.03125, 0.0625]),
             # ResNet-20 on 12,288 Fashion-MNIST images (6 x 2048) for 5 epochs (x0.1 at 1/3, 2/3 and 8/9 of them,

@@ -211,6 +211,16 @@ def test_lb_train_seq2seq_reports_bleu_and_writes_translations(compose_cfg, tmp_
     assert sources[0] in (tmp_path / "examples.md").read_text()
 
 
+
+def test_final_eval_false_skips_the_test_decode_and_keeps_the_periodic_evaluations(compose_cfg, tmp_path):
+    from largebatch.train import train
+
+    cfg = compose_cfg("model=seq2seq", "data=verses", "epochs=0.5", "save_checkpoint=false", "final_eval=false")
+    summary = train(cfg, tmp_path)
+    assert summary["eval/sentences"] == 16 and "eval/ppl" in summary and "eval/bleu" in summary
+    assert not [key for key in summary if key.startswith("test/")]
+    assert not (tmp_path / "translations").exists() and not (tmp_path / "examples.md").exists()
+
 def test_two_processes_match_one(tmp_path, data_cache):
     """Loss, greedy BLEU on valid and beam BLEU on test (decoded by two ranks, gathered) as one process."""
     base = ["model=seq2seq", "data=verses", "scale=tiny", "model.dropout=0", "micro_batch=4", "epochs=0.5",

@@ -37,7 +37,8 @@ RUN_COLUMNS = [
 # Config keys that say how a run was executed or recorded, not what it computed: runs that differ only in
 # these (and the seed) are seeds of one cell. A key ending in "." covers everything under it.
 BOOKKEEPING_KEYS = ("progress", "logger.", "data.cache_dir", "data.num_workers", "save_checkpoint",
-                    "checkpoint_every_epochs", "keep_checkpoints", "resume", "overwrite", "per_layer_trust_ratios")
+                    "checkpoint_every_epochs", "keep_checkpoints", "resume", "overwrite", "per_layer_trust_ratios",
+                    "final_eval")
 # The batch ladder's own axis: shown by batch_schedule, so left out of differs_in across rungs.
 AXIS_KEYS = ("batch", "micro_batch", "stages", "stages.")
 STATUSES = ("ok", "failed", "interrupted", "running", "incomplete")
