@@ -118,6 +118,33 @@ def test_perplexity_is_exp_of_the_mean_token_loss_over_the_whole_split(corpus_di
             assert result[f"{prefix}/ppl"] == pytest.approx(math.exp(result[f"{prefix}/loss"]), rel=1e-12)
 
 
+
+def test_a_blown_up_lm_records_no_perplexity_rather_than_failing(corpus_dir):
+    """A loss past a float's exp (~709.78 nats, a model blown up by a too-large lr): the evaluation
+    still returns, with the loss and no perplexity (JSON has no infinity), instead of an OverflowError."""
+    cfg = lm_cfg(corpus_dir, "model.hidden=16", "model.bptt=5")
+    task = build_task(cfg)
+    (_, (plan,), _), = plan_rows([*LM, "scale=tiny", f"data.folder={corpus_dir}", "data.max_tokens=null",
+                                  "model.hidden=16", "model.bptt=5"], world_size=1)
+    torch.manual_seed(0)
+    model = task.build_model()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(1e4)
+    from accelerate import Accelerator
+
+    result = task.evaluate(model, Accelerator(cpu=True), plan)
+    assert math.isfinite(result["eval/loss"]) and result["eval/loss"] > 710
+    assert result["eval/ppl"] is None and result["eval/tokens"] == task.corpus.valid.numel() - 1
+
+
+@pytest.mark.parametrize("loss, expected", [(0.0, 1.0), (math.log(178.8), 178.8), (709.0, math.exp(709.0)),
+                                            (709.8, None), (1e4, None), (math.inf, None), (math.nan, None)])
+def test_perplexity_is_exp_of_the_loss_within_a_floats_range_else_none(loss, expected):
+    from largebatch.tasks.base import perplexity
+
+    assert perplexity(loss) == (pytest.approx(expected) if expected is not None else None)
+
 def test_ptb_plan_counts_windows_and_tokens(capsys):
     from largebatch.cli import plan_main
 

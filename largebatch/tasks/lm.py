@@ -21,14 +21,12 @@ same numbers (the splits are small).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from largebatch.data.ptb import WordCorpus, batchify, load_word_corpus
 from largebatch.data.steps import rank_share, split_micro
 from largebatch.errors import ConfigError
-from largebatch.tasks.base import Metric, Task
+from largebatch.tasks.base import Metric, Task, perplexity
 
 
 class LanguageModelTask(Task):
@@ -133,8 +131,7 @@ class LanguageModelTask(Task):
                     out = model(chunk[:, :-1], chunk[:, 1:], state)
                 loss_sum, count, state = loss_sum + out["loss_sum"].item(), count + out["count"], out["state"]
             loss = loss_sum / count
-            ppl = math.exp(loss) if loss < 709.0 else None  # past a float (a blown-up model): no number, as JSON allows
-            result.update({f"{prefix}/loss": loss, f"{prefix}/ppl": ppl, f"{prefix}/tokens": count})
+            result.update({f"{prefix}/loss": loss, f"{prefix}/ppl": perplexity(loss), f"{prefix}/tokens": count})
         model.train()
         return result
 

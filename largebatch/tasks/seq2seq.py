@@ -20,7 +20,6 @@ BLEU and chrF are sacrebleu's, on detokenised text (its default 13a tokenisation
 from __future__ import annotations
 
 import logging
-import math
 import unicodedata
 from dataclasses import dataclass
 from functools import partial
@@ -43,7 +42,7 @@ from largebatch.data.steps import STAGE_EPOCH_STRIDE, index_steps
 from largebatch.errors import ConfigError
 from largebatch.fileio import atomic_write_text
 from largebatch.labels import IGNORE_INDEX
-from largebatch.tasks.base import Metric, Task
+from largebatch.tasks.base import Metric, Task, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +209,7 @@ class TranslationTask(Task):
         model.train()
         loss_sum, count = accelerator.reduce(totals, reduction="sum").tolist()
         loss = loss_sum / max(count, 1)
-        return {f"{prefix}/loss": loss, f"{prefix}/ppl": math.exp(min(loss, 50.0)), f"{prefix}/tokens": int(count)}
+        return {f"{prefix}/loss": loss, f"{prefix}/ppl": perplexity(loss), f"{prefix}/tokens": int(count)}
 
     @torch.no_grad()
     def _translate(self, model, accelerator, dataset: PairDataset, beam: int, limit: int | None) -> list[str]:
