@@ -8,6 +8,7 @@ Workers are spawned, not forked: a forked copy of a process whose OpenMP pool is
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 
@@ -31,3 +32,12 @@ def train_in_worker(overrides: list[str], run_dir: str, threads: int) -> dict:
         return {"interrupted": str(stopped)}
     except LargebatchError as error:
         return {"error": f"{type(error).__name__}: {error}"}
+
+
+def ignore_stop_signals_while_idle() -> None:
+    """Pool initializer: a worker between runs ignores SIGTERM and SIGINT. It has nothing to checkpoint, and
+    a worker that dies breaks the pool under the runs still going on the others (they would end with
+    BrokenProcessPool, not their checkpoint). During a run the trainer's own handler takes the signals
+    (first: checkpoint and stop; second: exit at once) and restores this one after."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)

@@ -168,29 +168,37 @@ def test_a_call_that_did_no_work_is_not_counted_and_the_tasks_that_shared_the_wo
 
 def test_a_signal_stops_the_running_runs_after_a_checkpoint_and_a_second_call_resumes_them(tmp_path):
     """Runner.stop (the drivers' SIGTERM handler): the real spawned worker checkpoints and stops, the thread
-    waiting on it gets DriverStopped, and the run folder is left for the next call to resume."""
-    import json
+    waiting on it gets DriverStopped, and the run folder is left for the next call to resume. The other
+    worker, idle after a short run, takes the same SIGTERM without dying: a dead worker breaks the pool, and
+    the running run's thread would get BrokenProcessPool instead."""
     import signal
 
     from largebatch.drivers import DriverStopped, run_action
 
-    run_dir = tmp_path / "run"
+    run_dir, short_dir = tmp_path / "run", tmp_path / "short"
     outcome = {}
 
-    def wait_for_it():
+    def wait_for(key, job):
         try:
-            outcome["result"] = runner.run_many([Job(["scale=tiny", "epochs=500", "log_every=1"], run_dir)])
-        except DriverStopped as stopped:
-            outcome["stopped"] = stopped
+            outcome[key] = runner.run_many([job])
+        except Exception as error:  # noqa: BLE001 - the test reads which one
+            outcome[key] = error
 
     with Runner(tmp_path, jobs=2, threads=1) as runner:
-        waiting = threading.Thread(target=wait_for_it)
-        waiting.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (run_dir / "metrics.jsonl").is_file():  # training, handler on
+        threads = [threading.Thread(target=wait_for, args=("long", Job(["scale=tiny", "epochs=500", "log_every=1"],
+                                                                        run_dir))),
+                   threading.Thread(target=wait_for, args=("short", Job(["scale=tiny", "epochs=0.1"], short_dir)))]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not ((run_dir / "metrics.jsonl").is_file() and "short" in outcome):
             time.sleep(0.1)
+        assert "short" in outcome and len(runner._pool._processes) == 2  # one worker training, one idle
         runner.stop(signal.SIGTERM)
-        waiting.join(120)
-    assert "stopped" in outcome and "again with the same arguments" in str(outcome["stopped"])
+        for thread in threads:
+            thread.join(120)
+    assert isinstance(outcome["long"], DriverStopped), outcome["long"]
+    assert "again with the same arguments" in str(outcome["long"])
+    assert json.loads((short_dir / "status.json").read_text())["status"] == "finished"
     assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
     assert run_action(run_dir) == "resume" and any((run_dir / "checkpoints").iterdir())
