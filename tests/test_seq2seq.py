@@ -4,6 +4,7 @@ loss under any micro-batch split, decoding, BLEU, a tiny model that learns, and 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import unicodedata
 
@@ -264,3 +265,16 @@ def test_reference_run_is_described_by_its_records():
         "en", "es", seed=1234, valid_fraction=0.03, test_fraction=0.03).test]
     assert len(hyps) == len(refs) == summary["test/sentences"]
     assert summary["test/bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+
+
+def test_the_unigram_floor_is_add_one_unigram_perplexity_of_the_training_targets(data_cache):
+    """scripts/unigram_ppl.py: a hand-computed case, then the tiny verses, where it lies between a perfect
+    model (1) and a uniform one (the vocabulary)."""
+    from conftest import load_script
+
+    script = load_script("scripts/unigram_ppl.py")
+    assert script.EOS_ID not in (5, 6)
+    ppl, tokens = script.unigram_ppl([[5, 5, 6]], [[5]], vocab_size=10)  # counts 5:2 6:1 EOS:1, + 10: /14
+    assert tokens == 2 and ppl == pytest.approx(math.exp(-(math.log(3 / 14) + math.log(2 / 14)) / 2))
+    ppl, tokens = script.main(["model=seq2seq", "data=verses", "scale=tiny", f"data.cache_dir={data_cache}"])
+    assert tokens > 16 and 1.0 < ppl < 400
