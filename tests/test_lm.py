@@ -99,16 +99,25 @@ def test_two_processes_match_one(corpus_dir, tmp_path, data_cache):
     assert two[-1]["eval/ppl"] == pytest.approx(one[-1]["eval/ppl"], rel=1e-5)
 
 
-def test_perplexity_is_exp_of_the_mean_token_loss_over_the_whole_split(corpus_dir):
-    """Evaluation carries the state across windows: scoring in windows of 5 equals one pass over the split."""
+def tiny_lm(corpus_dir, scale: float = 1.0):
+    """A 16-wide LM on the tiny corpus (every parameter times ``scale``), its task and its plan."""
     cfg = lm_cfg(corpus_dir, "model.hidden=16", "model.bptt=5")
     task = build_task(cfg)
     (_, (plan,), _), = plan_rows([*LM, "scale=tiny", f"data.folder={corpus_dir}", "data.max_tokens=null",
                                   "model.hidden=16", "model.bptt=5"], world_size=1)
     torch.manual_seed(0)
     model = task.build_model()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(scale)
+    return model, task, plan
+
+
+def test_perplexity_is_exp_of_the_mean_token_loss_over_the_whole_split(corpus_dir):
+    """Evaluation carries the state across windows: scoring in windows of 5 equals one pass over the split."""
     from accelerate import Accelerator
 
+    model, task, plan = tiny_lm(corpus_dir)
     result = task.evaluate(model, Accelerator(cpu=True), plan)
     with torch.no_grad():
         for prefix, split in (("eval", task.corpus.valid), ("test", task.corpus.test)):
@@ -118,21 +127,12 @@ def test_perplexity_is_exp_of_the_mean_token_loss_over_the_whole_split(corpus_di
             assert result[f"{prefix}/ppl"] == pytest.approx(math.exp(result[f"{prefix}/loss"]), rel=1e-12)
 
 
-
 def test_a_blown_up_lm_records_no_perplexity_rather_than_failing(corpus_dir):
     """A loss past a float's exp (~709.78 nats, a model blown up by a too-large lr): the evaluation
     still returns, with the loss and no perplexity (JSON has no infinity), instead of an OverflowError."""
-    cfg = lm_cfg(corpus_dir, "model.hidden=16", "model.bptt=5")
-    task = build_task(cfg)
-    (_, (plan,), _), = plan_rows([*LM, "scale=tiny", f"data.folder={corpus_dir}", "data.max_tokens=null",
-                                  "model.hidden=16", "model.bptt=5"], world_size=1)
-    torch.manual_seed(0)
-    model = task.build_model()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(1e4)
     from accelerate import Accelerator
 
+    model, task, plan = tiny_lm(corpus_dir, scale=1e4)
     result = task.evaluate(model, Accelerator(cpu=True), plan)
     assert math.isfinite(result["eval/loss"]) and result["eval/loss"] > 710
     assert result["eval/ppl"] is None and result["eval/tokens"] == task.corpus.valid.numel() - 1
