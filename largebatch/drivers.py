@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 from largebatch.config import compose
 from largebatch.errors import ConfigError, LargebatchError
 from largebatch.fileio import atomic_write_json
-from largebatch.pool import ignore_stop_signals_while_idle, train_in_worker
+from largebatch.pool import ignore_interrupts_while_idle, train_in_worker
 from largebatch.report.runs import BOOKKEEPING_KEYS, flatten_config, key_matches, read_json
 from largebatch.train import train  # looked up at call time by Runner._run_here (tests replace it)
 
@@ -180,17 +180,18 @@ class Runner:
                 signal.signal(sig, handler)
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
-        """Cancel the queued runs and ask the running ones to stop after a checkpoint: SIGTERM to each worker
-        (a terminal's Ctrl-C reaches them itself, so SIGINT is not sent again: a second signal kills a run
-        before its checkpoint). Every :meth:`run_many` then raises :class:`DriverStopped`."""
+        """Cancel the queued runs and ask the running ones to stop after a checkpoint: SIGINT to each worker,
+        which a running trainer takes as a stop and an idle worker ignores (a terminal's Ctrl-C reaches
+        them itself, so it is not sent again: a second signal kills a run before its checkpoint). Every
+        :meth:`run_many` then raises :class:`DriverStopped`."""
         self.stopping = True
         with self._lock:
             self._cancel_queued()
             workers = list(getattr(self._pool, "_processes", None) or {})
-        if signum == signal.SIGTERM:
+        if signum != signal.SIGINT:
             for pid in workers:
                 try:
-                    os.kill(pid, signal.SIGTERM)
+                    os.kill(pid, signal.SIGINT)
                 except ProcessLookupError:
                     pass
 
@@ -204,7 +205,7 @@ class Runner:
     def make_pool(self):
         """The worker pool: ``jobs`` spawned processes (forked ones can hang on a running OpenMP pool)."""
         return ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=ignore_stop_signals_while_idle)
+                                   initializer=ignore_interrupts_while_idle)
 
     def close(self) -> None:
         """Stop the dispatchers and the pool: runs still queued are cancelled, running ones awaited."""

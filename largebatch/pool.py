@@ -34,10 +34,11 @@ def train_in_worker(overrides: list[str], run_dir: str, threads: int) -> dict:
         return {"error": f"{type(error).__name__}: {error}"}
 
 
-def ignore_stop_signals_while_idle() -> None:
-    """Pool initializer: a worker between runs ignores SIGTERM and SIGINT. It has nothing to checkpoint, and
-    a worker that dies breaks the pool under the runs still going on the others (they would end with
-    BrokenProcessPool, not their checkpoint). During a run the trainer's own handler takes the signals
-    (first: checkpoint and stop; second: exit at once) and restores this one after."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+def ignore_interrupts_while_idle() -> None:
+    """Pool initializer: a worker between runs ignores SIGINT, the signal a driver stops its runs with
+    (:meth:`largebatch.drivers.Runner.stop`; a terminal's Ctrl-C too). It has nothing to checkpoint, and a
+    worker that dies breaks the pool under the runs still going on the others (they would end with
+    BrokenProcessPool, not their checkpoint). During a run the trainer's own handler takes the signal
+    (first: checkpoint and stop; second: exit at once) and restores this one after. SIGTERM keeps its
+    default: a broken pool terminates its workers with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

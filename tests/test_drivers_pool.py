@@ -166,39 +166,72 @@ def test_a_call_that_did_no_work_is_not_counted_and_the_tasks_that_shared_the_wo
     assert Clock(path).calls == 3
 
 
-def test_a_signal_stops_the_running_runs_after_a_checkpoint_and_a_second_call_resumes_them(tmp_path):
-    """Runner.stop (the drivers' SIGTERM handler): the real spawned worker checkpoints and stops, the thread
-    waiting on it gets DriverStopped, and the run folder is left for the next call to resume. The other
-    worker, idle after a short run, takes the same SIGTERM without dying: a dead worker breaks the pool, and
-    the running run's thread would get BrokenProcessPool instead."""
-    import signal
-
-    from largebatch.drivers import DriverStopped, run_action
-
+def one_training_one_idle(tmp_path, then) -> dict:
+    """Two real spawned workers: a long run training on one, the other idle after a short run; then
+    ``then(runner)``. The outcome of each run_many ("long", "short": its result or its exception), and
+    "closed": whether the Runner closed within two minutes (a pool that cannot end hangs the driver)."""
     run_dir, short_dir = tmp_path / "run", tmp_path / "short"
     outcome = {}
 
-    def wait_for(key, job):
+    def wait_for(key, runner, job):
         try:
             outcome[key] = runner.run_many([job])
         except Exception as error:  # noqa: BLE001 - the test reads which one
             outcome[key] = error
 
-    with Runner(tmp_path, jobs=2, threads=1) as runner:
-        threads = [threading.Thread(target=wait_for, args=("long", Job(["scale=tiny", "epochs=500", "log_every=1"],
-                                                                        run_dir))),
-                   threading.Thread(target=wait_for, args=("short", Job(["scale=tiny", "epochs=0.1"], short_dir)))]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not ((run_dir / "metrics.jsonl").is_file() and "short" in outcome):
-            time.sleep(0.1)
-        assert "short" in outcome and len(runner._pool._processes) == 2  # one worker training, one idle
-        runner.stop(signal.SIGTERM)
-        for thread in threads:
-            thread.join(120)
+    def drive():
+        with Runner(tmp_path, jobs=2, threads=1) as runner:
+            threads = [threading.Thread(target=wait_for, args=(
+                           "long", runner, Job(["scale=tiny", "epochs=500", "log_every=1"], run_dir))),
+                       threading.Thread(target=wait_for, args=(
+                           "short", runner, Job(["scale=tiny", "epochs=0.1"], short_dir)))]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and not ((run_dir / "metrics.jsonl").is_file() and "short" in outcome):
+                time.sleep(0.1)
+            outcome["both_spawned"] = "short" in outcome and len(runner._pool._processes) == 2
+            then(runner)
+            for thread in threads:
+                thread.join(120)
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    driver.join(300)
+    outcome["closed"] = not driver.is_alive()
+    return outcome
+
+
+def test_a_signal_stops_the_running_runs_after_a_checkpoint_and_a_second_call_resumes_them(tmp_path):
+    """Runner.stop (the drivers' SIGTERM handler): the real spawned worker checkpoints and stops, the thread
+    waiting on it gets DriverStopped, and the run folder is left for the next call to resume. The other
+    worker, idle after a short run, takes the same signal without dying: a dead worker breaks the pool, and
+    the running run's thread would get BrokenProcessPool instead."""
+    import signal
+
+    from largebatch.drivers import DriverStopped, run_action
+
+    outcome = one_training_one_idle(tmp_path, lambda runner: runner.stop(signal.SIGTERM))
+    assert outcome["both_spawned"] and outcome["closed"]
     assert isinstance(outcome["long"], DriverStopped), outcome["long"]
     assert "again with the same arguments" in str(outcome["long"])
-    assert json.loads((short_dir / "status.json").read_text())["status"] == "finished"
+    run_dir = tmp_path / "run"
+    assert json.loads((tmp_path / "short" / "status.json").read_text())["status"] == "finished"
     assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
     assert run_action(run_dir) == "resume" and any((run_dir / "checkpoints").iterdir())
+
+
+def test_a_worker_killed_from_outside_fails_the_runs_and_the_driver_still_ends(tmp_path):
+    """A worker killed by the system (the OOM killer: SIGKILL) breaks the pool: the run on the other worker
+    fails with BrokenProcessPool, and the pool's own SIGTERM to its workers must still end them, or the
+    driver would wait on them forever."""
+    import os
+    import signal
+    from concurrent.futures.process import BrokenProcessPool
+
+    def kill_a_worker(runner):  # either: the pool breaks, and the long run fails, whichever worker it was on
+        os.kill(next(iter(runner._pool._processes)), signal.SIGKILL)
+
+    outcome = one_training_one_idle(tmp_path, kill_a_worker)
+    assert outcome["both_spawned"] and outcome["closed"], "the driver hung on a broken pool"
+    assert isinstance(outcome["long"], BrokenProcessPool), outcome["long"]
