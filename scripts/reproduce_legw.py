@@ -261,11 +261,16 @@ def reproduce_task(task: str, args, scale: dict, runner: LegwRunner, work: Path,
     jobs = ladder_jobs(task, scale, work, lr, warmup, seeds)
     runner.run_many(list({job.run_dir: job for job in jobs.values()}.values()))  # a folder shared by rules: once
     # A call that found every run finished only re-renders: it neither counts as a call nor shared the workers.
-    trained = any(s["action"] not in ("skip", "diverged") for s in runner.steps
-                  if s["run_dir"].startswith(rel(work) + "/"))
+    # The workers' other tasks in this call: those that trained in it too (so far; a task that only rendered
+    # its table did not share them).
+    def trained_in_this_call(name: str) -> bool:
+        folder = rel(work.parent / name) + "/"
+        return any(s["action"] not in ("skip", "diverged") for s in runner.steps if s["run_dir"].startswith(folder))
+
+    trained = trained_in_this_call(task)
     earlier = read_json(results / "provenance.json") or {}
     if trained:
-        clock.shared_with.update(t for t in together if t != task)
+        clock.shared_with.update(t for t in together if t != task and trained_in_this_call(t))
     else:
         clock.idle()
     others = sorted(clock.shared_with | set(earlier.get("run_together_with", []) if not trained else []))

@@ -53,12 +53,16 @@ def test_smoke_ladder_end_to_end_then_a_second_call_skips_every_run(driver, tmp_
     assert (results / "runs" / "base" / "batch=16,seed=0" / "config.yaml").is_file()
 
     first = json.loads((tmp_path / "work" / "mnist_lstm" / "driver_time.json").read_text())
-    driver.main(args)  # a second call: every run is finished, nothing trains again: it only re-renders
+    # A second call, with a second task: mnist_lstm's runs are all finished, so it only renders its table
+    # again (no call, no time, nothing shared); ptb trains, beside a task that trained nothing.
+    driver.main([*args, "--task", "ptb"])
     record = json.loads((results / "provenance.json").read_text())
     assert record["steps"] and {s["action"] for s in record["steps"]} == {"skip"}
     assert record["calls"] == first["calls"] == 1 and record["wall_time_s"] == first["seconds"]
     assert " calls " not in (results / "table.md").read_text().splitlines()[0]
     assert record["run_together_with"] == []
+    ptb = json.loads((tmp_path / "results" / "ptb" / "provenance.json").read_text())
+    assert "start" in {s["action"] for s in ptb["steps"]} and ptb["run_together_with"] == []
 
 
 # ----------------------------------------------------------------------------- the rules' arithmetic
