@@ -136,6 +136,7 @@ class Runner:
     def __init__(self, out: Path, jobs: int = 1, threads: int | None = None,
                  checkpoint_every: float = CHECKPOINT_EVERY_EPOCHS):
         self.out, self.jobs, self.steps, self.run_dirs = out, jobs, [], []
+        self.started: list[Path] = []  # the run folders this call trained in (started or resumed), in order
         self.checkpoint = [f"checkpoint_every_epochs={checkpoint_every}"]
         self.threads = threads or max(1, (os.cpu_count() or 1) // jobs)
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
@@ -312,6 +313,7 @@ class Runner:
                 return
             log.info("+ %s hydra.run.dir=%s%s", job.command, rel(job.run_dir),
                      " (resuming)" if job.action == "resume" else "")
+            self.started.append(job.run_dir)
             started = time.perf_counter()
             try:
                 outcome = pool.submit(self.worker, job.overrides, str(job.run_dir), self.threads).result()
@@ -323,6 +325,7 @@ class Runner:
     def _run_here(self, job: Job) -> dict | None:
         log.info("+ %s hydra.run.dir=%s%s", job.command, rel(job.run_dir),
                  " (resuming)" if job.action == "resume" else "")
+        self.started.append(job.run_dir)
         started = time.perf_counter()
         try:
             summary = train(job.cfg, job.run_dir)
@@ -399,7 +402,7 @@ class Clock:
         earlier = read_json(path) or {}
         self.earlier_s, self.calls = float(earlier.get("seconds", 0.0)), int(earlier.get("calls", 0)) + 1
         self.shared_with: set[str] = set(earlier.get("shared_with", []))
-        self._idle = False
+        self._idle, self._lock = False, threading.Lock()
         self._stopped = threading.Event()
         if autosave_s:
             threading.Thread(target=self._autosave, args=(autosave_s,), daemon=True, name="clock").start()
@@ -415,19 +418,22 @@ class Clock:
 
     def idle(self) -> None:
         """This call did no work: neither its time nor the call itself counts."""
-        if not self._idle:
+        with self._lock:
+            if self._idle:
+                return
             self._idle, self.calls = True, self.calls - 1
-            self.save()
+        self.save()
 
     def total_s(self) -> float:
         return self.earlier_s + (0.0 if self._idle else time.perf_counter() - self.started)
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"seconds": round(self.total_s(), 1), "calls": self.calls}
-        if self.shared_with:
-            record["shared_with"] = sorted(self.shared_with)
-        atomic_write_json(self.path, record)
+        with self._lock:  # the autosave thread and the driver's: one record at a time, never one from before idle()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            record = {"seconds": round(self.total_s(), 1), "calls": self.calls}
+            if self.shared_with:
+                record["shared_with"] = sorted(self.shared_with)
+            atomic_write_json(self.path, record)
 
 
 def copy_run_records(folders: dict[Path, Path], dest_root: Path,

@@ -26,19 +26,27 @@ def train_in_worker(overrides: list[str], run_dir: str, threads: int) -> dict:
     logging.basicConfig(level=logging.WARNING, force=True)
     from largebatch.checkpoint import Interrupted
 
+    # From here to the trainer's own handler (its loop) a stop raises KeyboardInterrupt: an idle worker's
+    # SIG_IGN would drop a stop sent while the run sets up (data, tokenizer, model) and let it train to the end.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return {"summary": train(compose(overrides), Path(run_dir))}
-    except Interrupted as stopped:  # SIGTERM from the driver (Runner.stop): checkpointed, resumable
+    except Interrupted as stopped:  # SIGINT from the driver (Runner.stop) or a terminal: checkpointed, resumable
         return {"interrupted": str(stopped)}
+    except KeyboardInterrupt:
+        return {"interrupted": "stopped by a signal outside its training loop (setting up, or writing its last "
+                               "records); the next call resumes it from its newest checkpoint, if any"}
     except LargebatchError as error:
         return {"error": f"{type(error).__name__}: {error}"}
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def ignore_interrupts_while_idle() -> None:
     """Pool initializer: a worker between runs ignores SIGINT, the signal a driver stops its runs with
     (:meth:`largebatch.drivers.Runner.stop`; a terminal's Ctrl-C too). It has nothing to checkpoint, and a
     worker that dies breaks the pool under the runs still going on the others (they would end with
-    BrokenProcessPool, not their checkpoint). During a run the trainer's own handler takes the signal
-    (first: checkpoint and stop; second: exit at once) and restores this one after. SIGTERM keeps its
-    default: a broken pool terminates its workers with it."""
+    BrokenProcessPool, not their checkpoint). During a run the trainer takes the signal (in its loop: first,
+    checkpoint and stop; second, exit at once). SIGTERM keeps its default: a broken pool terminates its
+    workers with it. (DataLoader workers ignore both: largebatch/data/steps.py.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -7,8 +7,8 @@ scaling (lr x k, Goyal's recipe) does not. The same protocol for every workload 
   1. one base configuration at the base batch: the lr from a half-decade grid at the base's warmup, widened
      past an edge until the best is interior (:func:`largebatch.drivers.widening_sweep`); then the warmup, in
      epochs, from a small grid at that lr, widened the same way (doubling, down to 0, up to what the top rung
-     can hold: LEGW multiplies it by the ladder's k). Scored by the task's primary metric (eval/ppl,
-     eval/accuracy, eval/bleu); every value tried goes to ``sweep.json``. Its runs have the full budget, so
+     can hold: LEGW multiplies it by the ladder's k). Scored by the task's ``metric`` in TASKS (eval/ppl for
+     the LMs and seq2seq, eval/accuracy); every value tried goes to ``sweep.json``. Its runs have the full budget, so
      the chosen one is the base rung's first seed.
   2. untuned, the ladder k = batch / base batch under each rule: legw (lr x sqrt k, warmup epochs x k),
      sqrt (lr x sqrt k), linear (lr x k) and none; the rules are identical at k = 1, so the base rung is run
@@ -73,8 +73,8 @@ TASKS = {
     # Valid token perplexity, not GNMT's BLEU: the models these budgets train score BLEU below 1, which is noise
     # (experiments/legw/README.md); every run still logs its greedy valid BLEU beside the perplexity.
     "seq2seq": dict(base=["model=seq2seq", "data=verses"], metric="eval/ppl", higher_is_better=False,
-                    tolerance=0.01, paper="GNMT: batch 128 -> 2048 (16x) at the base's BLEU (here 32 -> 512, "
-                    "valid perplexity)"),
+                    tolerance=0.01, paper="GNMT: batch 128 -> 2048 (16x) at the base's BLEU; here 32 -> 512, "
+                    "scored by valid perplexity (BLEU is ~0 at this scale)"),
 }
 
 # Per scale and task: ``train`` (overrides of every run), ``ladder`` (base first), ``seeds`` (on the base and
@@ -261,11 +261,10 @@ def reproduce_task(task: str, args, scale: dict, runner: LegwRunner, work: Path,
     jobs = ladder_jobs(task, scale, work, lr, warmup, seeds)
     runner.run_many(list({job.run_dir: job for job in jobs.values()}.values()))  # a folder shared by rules: once
     # A call that found every run finished only re-renders: it neither counts as a call nor shared the workers.
-    # The workers' other tasks in this call: those that trained in it too (so far; a task that only rendered
-    # its table did not share them).
+    # The workers' other tasks in this call: those that started a run in it too (so far; a task that only
+    # rendered its table did not share them).
     def trained_in_this_call(name: str) -> bool:
-        folder = rel(work.parent / name) + "/"
-        return any(s["action"] not in ("skip", "diverged") for s in runner.steps if s["run_dir"].startswith(folder))
+        return any(run_dir.is_relative_to(work.parent / name) for run_dir in runner.started)
 
     trained = trained_in_this_call(task)
     earlier = read_json(results / "provenance.json") or {}
@@ -299,7 +298,7 @@ def reproduce_task(task: str, args, scale: dict, runner: LegwRunner, work: Path,
                     "run_seconds": round(run_s, 1), "run_together_with": others,
                     "threads_per_job": runner.threads,
                     "base_warmup_epochs": warmup, "seeds": seeds, "work_folder": rel(work),
-                    "sweep": record, "steps": [s for s in runner.steps if s.get("run_dir", "").startswith(rel(work))]})
+                    "sweep": record, "steps": [s for s in runner.steps if s.get("run_dir", "").startswith(rel(work) + "/")]})
     log.info("%s: %s", task, rel(results))
     return results
 
@@ -335,17 +334,20 @@ def main(argv=None) -> list[Path]:
     # or the quickest to compose, not the first, gets the workers.
     runner.settle_s = 20.0 if len(tasks) > 1 else 0.0
 
+    concurrent = runner.jobs > 1 and len(tasks) > 1  # one after another, tasks share neither workers nor time
+
     def one(i: int, task: str) -> Path:
         work = work_root / task
         clock = Clock(work / "driver_time.json", autosave_s=60)
         try:
             with runner.priority(i):
-                return reproduce_task(task, args, scale, runner, work, out_root / task, clock, together=tasks)
+                return reproduce_task(task, args, scale, runner, work, out_root / task, clock,
+                                      together=tasks if concurrent else [])
         finally:
             clock.stop()
 
     with runner, runner.stop_on_signals():
-        if runner.jobs == 1 or len(tasks) == 1:
+        if not concurrent:
             return [one(i, task) for i, task in enumerate(tasks)]
         # One thread per task, one shared pool: the first task's runs go first, the later tasks' runs fill the
         # workers it leaves idle (its sweep's rounds of 1-3 runs); a task that fails does not stop the others.

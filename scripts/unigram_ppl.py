@@ -37,10 +37,9 @@ def main(argv: list[str]) -> tuple[float, int]:
     cfg = compose(argv)
     if cfg.model.task != "translate":
         raise LargebatchError(f"model={cfg.model.name} is not a translation model: pass model=seq2seq")
-    data = build_task(cfg).data
-    limit = cfg.data.max_eval
-    ppl, tokens = unigram_ppl(data.train.tgt, data.valid.dataset.tgt[:limit] if limit else data.valid.dataset.tgt,
-                              data.tokenizer.get_vocab_size())
+    data = build_task(cfg).data  # its valid split already cut to data.max_eval, as the evaluation reads it
+    limit = None if cfg.eval_max_batches is None else cfg.eval_max_batches * cfg.eval_batch  # as evaluate() does
+    ppl, tokens = unigram_ppl(data.train.tgt, data.valid.dataset.tgt[:limit], data.tokenizer.get_vocab_size())
     print(f"unigram perplexity of the {len(data.train)} training targets on {tokens} valid tokens: {ppl:.1f}")
     return ppl, tokens
 

@@ -166,6 +166,11 @@ def test_a_call_that_did_no_work_is_not_counted_and_the_tasks_that_shared_the_wo
     assert Clock(path).calls == 3
 
 
+def metrics_lines(run_dir) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
 def one_training_one_idle(tmp_path, then) -> dict:
     """Two real spawned workers: a long run training on one, the other idle after a short run; then
     ``then(runner)``. The outcome of each run_many ("long", "short": its result or its exception), and
@@ -188,7 +193,7 @@ def one_training_one_idle(tmp_path, then) -> dict:
             for thread in threads:
                 thread.start()
             deadline = time.monotonic() + 180
-            while time.monotonic() < deadline and not ((run_dir / "metrics.jsonl").is_file() and "short" in outcome):
+            while time.monotonic() < deadline and not (metrics_lines(run_dir) and "short" in outcome):  # in its loop
                 time.sleep(0.1)
             outcome["both_spawned"] = "short" in outcome and len(runner._pool._processes) == 2
             then(runner)

@@ -53,9 +53,10 @@ def test_smoke_ladder_end_to_end_then_a_second_call_skips_every_run(driver, tmp_
     assert (results / "runs" / "base" / "batch=16,seed=0" / "config.yaml").is_file()
 
     first = json.loads((tmp_path / "work" / "mnist_lstm" / "driver_time.json").read_text())
-    # A second call, with a second task: mnist_lstm's runs are all finished, so it only renders its table
-    # again (no call, no time, nothing shared); ptb trains, beside a task that trained nothing.
-    driver.main([*args, "--task", "ptb"])
+    # A second call, with a second task, the two together on two workers: mnist_lstm's runs are all finished,
+    # so it only renders its table again (no call, no time, nothing shared); ptb trains beside a task that
+    # trained nothing, so it shared its workers with none.
+    driver.main([*args, "--task", "ptb", "--jobs", "2"])
     record = json.loads((results / "provenance.json").read_text())
     assert record["steps"] and {s["action"] for s in record["steps"]} == {"skip"}
     assert record["calls"] == first["calls"] == 1 and record["wall_time_s"] == first["seconds"]

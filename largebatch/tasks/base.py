@@ -13,6 +13,7 @@ the step (all micro-batches, all ranks), so any split of a batch gives the same 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,7 @@ class Task:
 def perplexity(loss: float) -> float | None:
     """exp of a mean token loss, or None where there is no number to give: a loss past ~709.78 nats (a
     blown-up model) overflows a float, and JSON, the run records' format, has no infinity or NaN."""
-    return math.exp(loss) if math.isfinite(loss) and loss < math.log(1.7976931348623157e308) else None
+    return math.exp(loss) if math.isfinite(loss) and loss < math.log(sys.float_info.max) else None
 
 @torch.no_grad()
 def evaluate_samples(model, dataset, eval_batch: int, accelerator, max_batches: int | None) -> dict:
