@@ -97,7 +97,7 @@ SCALES = {
                            ladder=[16, 64], lr_grid=[0.03, 0.1], warmup=0.0, warmup_grid=[0.0, 0.1]),
         }),
     "small": dict(  # the committed results (not run yet): each task < 90 min on 2 cores, ~4 h in all
-        results="results/legw", seeds=2, max_widen=1,
+        results="results/legw", seeds=2, max_widen=3,
         tasks={
             # 1 epoch of full PTB (Zaremba: 13), at the peak lr throughout as Zaremba's first (he keeps the peak
             # for 4 of 13 epochs, then x0.5 per epoch); 36 steps at batch 1280. A 2-epoch run took ~13 min at batch 20
@@ -126,7 +126,7 @@ SCALES = {
                            warmup_grid=[0.0, 0.04, 0.08]),
         }),
     "gpu": dict(  # one CUDA device, each run planned for < 10 min on an H100 (never run yet)
-        results="results/legw_gpu", seeds=2, max_widen=1, jobs=1, checkpoint_every=1.0,
+        results="results/legw_gpu", seeds=2, max_widen=3, jobs=1, checkpoint_every=1.0,
         tasks={
             "ptb": dict(train=["eval_every_epochs=0.5", "micro_batch=1280"],  # Zaremba's 13 epochs
                         ladder=[20, 80, 160, 320, 640, 1280], lr_grid=[0.3, 1.0, 3.0], warmup=0.0,
