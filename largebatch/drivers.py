@@ -219,6 +219,8 @@ class Runner:
         for thread in dispatchers:
             thread.join()
         if pool is not None:
+            if getattr(pool, "_broken", False):
+                end_broken_pool(pool, BROKEN_POOL_GRACE_S)
             pool.shutdown()
 
     def prepare(self, job: Job) -> Job:
@@ -337,6 +339,24 @@ class Runner:
             return None
         self._record(job, time.perf_counter() - started)
         return summary
+
+
+BROKEN_POOL_GRACE_S = 30.0  # for a worker's run to finish the checkpoint a broken pool's SIGTERM asked for
+
+
+def end_broken_pool(pool, grace_s: float) -> None:
+    """End the workers of a broken pool (one was killed from outside, e.g. by the OOM killer). The pool
+    sends the others SIGTERM; a worker whose run takes it as a stop writes its checkpoint and returns,
+    and then waits forever on a call queue the broken pool no longer feeds, while the pool's shutdown
+    waits on it. Give them ``grace_s`` in all to finish, then kill the ones still there."""
+    from multiprocessing.connection import wait
+
+    deadline = time.monotonic() + grace_s
+    for process in list(getattr(pool, "_processes", {}).values()):
+        wait([process.sentinel], timeout=max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            log.warning("worker %d of the broken pool still there after its grace: killed", process.pid)
+            process.kill()
 
 
 def next_lr(lr: float, up: bool) -> float:

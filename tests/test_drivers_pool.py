@@ -227,16 +227,22 @@ def test_a_signal_stops_the_running_runs_after_a_checkpoint_and_a_second_call_re
 
 
 def test_a_worker_killed_from_outside_fails_the_runs_and_the_driver_still_ends(tmp_path):
-    """A worker killed by the system (the OOM killer: SIGKILL) breaks the pool: the run on the other worker
-    fails with BrokenProcessPool, and the pool's own SIGTERM to its workers must still end them, or the
-    driver would wait on them forever."""
+    """The idle worker killed by the system (the OOM killer: SIGKILL) breaks the pool: the pool's SIGTERM
+    stops the run on the other worker, which checkpoints and then waits on a queue the broken pool no
+    longer feeds. The driver must still end (Runner.close kills it after a grace), and the run is left
+    to resume."""
     import os
     import signal
     from concurrent.futures.process import BrokenProcessPool
 
-    def kill_a_worker(runner):  # either: the pool breaks, and the long run fails, whichever worker it was on
-        os.kill(next(iter(runner._pool._processes)), signal.SIGKILL)
+    from largebatch.drivers import run_action
 
-    outcome = one_training_one_idle(tmp_path, kill_a_worker)
+    def kill_the_idle_worker(runner):  # the one that ran the short run (its status.json names the process)
+        os.kill(json.loads((tmp_path / "short" / "status.json").read_text())["pid"], signal.SIGKILL)
+
+    outcome = one_training_one_idle(tmp_path, kill_the_idle_worker)
     assert outcome["both_spawned"] and outcome["closed"], "the driver hung on a broken pool"
     assert isinstance(outcome["long"], BrokenProcessPool), outcome["long"]
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+    assert run_action(run_dir) == "resume"
