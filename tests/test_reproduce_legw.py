@@ -243,3 +243,20 @@ def test_a_committed_table_is_what_its_run_records_give(folder, tmp_path):
                       title=title, claim=claim)
     assert (tmp_path / "table.md").read_text() == committed
     assert (tmp_path / "runs.csv").read_text() == (folder / "runs.csv").read_text()
+
+
+def test_a_one_seed_rung_as_close_as_the_bases_own_worse_seed_is_lost_in_noise_and_a_blown_up_one_is_not():
+    """Base seeds 165 and 240 (perplexity, target 202.5): a one-seed rung at 236 is no worse than the base's
+    own worse seed, so the seeds cannot tell it from the target (~); one at 300 is inside the 2-std band
+    but no seed of it is that close (✗, and the sentence says why); one blown up to 1e6 is beyond it."""
+    from largebatch.report.legw import Rung, assess
+
+    def rung(batch, *values):
+        return Rung("sqrt", batch, [{"metric": v} for v in values])
+
+    rungs = [rung(32, 165.0, 240.0), rung(64, 236.0), rung(128, 300.0), rung(256, 1e6)]
+    verdicts = [a["verdict"] for a in assess(rungs, 202.5, 0.01, higher_is_better=False)["rungs"]]
+    assert verdicts == ["noise", "off", "off"]
+    assessed = assess(rungs, 202.5, 0.01, higher_is_better=False)
+    assert assessed["holds_up_to"] == 64 and assessed["first_off"]["rung"].batch == 128
+    assert assessed["first_off"]["gap"] < assessed["first_off"]["band"]  # off inside the band: no seed that close

@@ -141,10 +141,13 @@ def assess(rungs: list[Rung], target: float, tolerance: float, higher_is_better:
             verdict, gap = "missing", None
         else:
             gap = (target - mean) if higher_is_better else (mean - target)
-            # within the seeds' spread only where a seed itself reaches the tolerance (blown-up seeds, far
-            # apart, have a wide spread that says nothing about the target)
-            seeds = [(target - v) if higher_is_better else (v - target) for v in rung.values()]
-            straddles = min(seeds) <= tolerance * abs(target)
+            # within the seeds' spread only where a seed of the rung is itself as close to the target as the
+            # tolerance or the base's own worse seed (blown-up seeds, far apart, have a wide spread that says
+            # nothing about the target)
+            def gaps(r: Rung) -> list[float]:
+                return [(target - v) if higher_is_better else (v - target) for v in r.values()]
+
+            straddles = min(gaps(rung)) <= max(tolerance * abs(target), *gaps(base))
             verdict = ("holds" if gap <= tolerance * abs(target)
                        else "noise" if gap <= band and straddles else "off")
         out.append({"rung": rung, "gap": gap, "band": band, "spread": spread, "verdict": verdict})
@@ -188,7 +191,10 @@ def statements(base: Rung, assessed: dict[str, dict], target: float | None, metr
                 text += f"batch {rung.batch} has no finished run (diverged or failed)"
             else:
                 text += (f"at batch {rung.batch} ({_k(rung, base)}) it falls off: {rung.mean():.4g}, worse by "
-                         f"{off['gap']:.3g} ({off['gap'] / abs(target):.1%}), beyond the band {off['band']:.3g}")
+                         f"{off['gap']:.3g} ({off['gap'] / abs(target):.1%}), "
+                         + (f"beyond the band {off['band']:.3g}" if off["gap"] > off["band"] else
+                            f"inside the band {off['band']:.3g} but with no seed as close to the target as the "
+                            "tolerance or the base's own seeds"))
         if noisy:
             text += "; " + ", ".join(
                 f"at batch {x['rung'].batch} the gap {x['gap']:.3g} exceeds the tolerance but not the seeds' "
