@@ -132,6 +132,11 @@ def assess(rungs: list[Rung], target: float, tolerance: float, higher_is_better:
     verdict ("holds", "off", "noise": worse by more than the tolerance but within the seeds' spread, or
     "missing"), and ``holds_up_to`` (the largest batch up to which every rung holds or is within noise)."""
     base = rungs[0]
+
+    def gaps(r: Rung) -> list[float]:  # each seed's distance from the target, worse is positive
+        return [(target - v) if higher_is_better else (v - target) for v in r.values()]
+
+    close_enough = max(tolerance * abs(target), *gaps(base))
     out, holds_up_to, broken = [], base.batch, False
     for rung in rungs[1:]:
         mean = rung.mean()
@@ -144,10 +149,7 @@ def assess(rungs: list[Rung], target: float, tolerance: float, higher_is_better:
             # within the seeds' spread only where a seed of the rung is itself as close to the target as the
             # tolerance or the base's own worse seed (blown-up seeds, far apart, have a wide spread that says
             # nothing about the target)
-            def gaps(r: Rung) -> list[float]:
-                return [(target - v) if higher_is_better else (v - target) for v in r.values()]
-
-            straddles = min(gaps(rung)) <= max(tolerance * abs(target), *gaps(base))
+            straddles = min(gaps(rung)) <= close_enough
             verdict = ("holds" if gap <= tolerance * abs(target)
                        else "noise" if gap <= band and straddles else "off")
         out.append({"rung": rung, "gap": gap, "band": band, "spread": spread, "verdict": verdict})

@@ -122,6 +122,7 @@ def perplexity(loss: float) -> float | None:
     blown-up model) overflows a float, and JSON, the run records' format, has no infinity or NaN."""
     return math.exp(loss) if math.isfinite(loss) and loss < math.log(sys.float_info.max) else None
 
+
 @torch.no_grad()
 def evaluate_samples(model, dataset, eval_batch: int, accelerator, max_batches: int | None) -> dict:
     """Loss and accuracy over the first ``max_batches x eval_batch`` samples of ``dataset`` (all if None),
