@@ -130,6 +130,7 @@ class ImageDataConfig:
     source: str = MISSING  # mnist_5k | fashion_mnist | idx_folder (largebatch.data.images)
     folder: str | None = None  # where the IDX files are (idx_folder; overrides the default location)
     max_train: int | None = None  # keep the first N training images (tests, smoke runs)
+    valid_size: int = 0  # images carved from train (fixed seed) for validation: eval/ reads them, test/ the test set
     num_workers: int = 0
     train_samples: int | None = None  # declared training-set size, for lb-plan without the data
 

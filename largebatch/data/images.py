@@ -74,9 +74,11 @@ class ImageSplits:
     train_images: torch.Tensor  # uint8 [N, H, W]
     train_labels: torch.Tensor  # int64 [N]
     eval_images: torch.Tensor
-    eval_labels: torch.Tensor
+    eval_labels: torch.Tensor  # the test set (the source's held-out split)
     num_classes: int
     source: str
+    valid_images: torch.Tensor | None = None  # carved from train with valid_size (None: no validation split)
+    valid_labels: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------- IDX files
@@ -210,13 +212,27 @@ def _mnist_5k(folder: Path | None) -> tuple[dict[str, torch.Tensor], str]:
     return splits, source
 
 
+def _carve_validation(images: torch.Tensor, labels: torch.Tensor, valid_size: int, source: str) -> dict:
+    if not 0 < valid_size < len(labels):
+        raise ConfigError(f"data.valid_size={valid_size} must lie between 1 and the {len(labels)} training images "
+                          f"of {source} less one (0: no validation split)")
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    held, kept = order[-valid_size:], order[:-valid_size].sort().values
+    return {"train_images": images[kept], "train_labels": labels[kept],
+            "valid_images": images[held], "valid_labels": labels[held]}
+
+
 # ---------------------------------------------------------------------------- entry point
 
 
-def load_image_data(name: str, folder: str | Path | None = None, max_train: int | None = None) -> ImageSplits:
+def load_image_data(name: str, folder: str | Path | None = None, max_train: int | None = None,
+                    valid_size: int = 0) -> ImageSplits:
     """Train and held-out images of the named source; ``folder`` replaces its default location.
 
-    ``max_train`` keeps the first ``max_train`` training images (the held-out set is never cut).
+    ``valid_size`` carves a validation split from the training images: the last ``valid_size`` of a
+    permutation with :data:`SPLIT_SEED` (independent of the training seed), so selection never reads the
+    test images; the other training images keep their order. ``max_train`` then keeps the first
+    ``max_train`` of those (the test set is never cut).
     """
     if name not in IMAGE_SOURCES:
         raise ConfigError(f"unknown image data {name!r}: choose one of {list(IMAGE_SOURCES)}")
@@ -254,6 +270,8 @@ def load_image_data(name: str, folder: str | Path | None = None, max_train: int 
         raise ConfigError(
             f"{source}: label {largest} is out of range for the {num_classes} classes of {name}"
         )
+    if valid_size:
+        splits.update(_carve_validation(splits["train_images"], splits["train_labels"], valid_size, source))
     if max_train is not None:
         splits["train_images"] = splits["train_images"][:max_train]
         splits["train_labels"] = splits["train_labels"][:max_train]

@@ -42,7 +42,7 @@ class ClassificationTask(Task):
     def splits(self) -> ImageSplits:
         if self._splits is None:
             data = self.cfg.data
-            self._splits = load_image_data(data.source, data.folder, data.max_train)
+            self._splits = load_image_data(data.source, data.folder, data.max_train, data.valid_size)
         return self._splits
 
     def train_samples(self, batch: int, seq_len: int | None, *, allow_declared: bool) -> int:
@@ -75,7 +75,15 @@ class ClassificationTask(Task):
         return micro_batch["labels"].numel()
 
     def evaluate(self, model, accelerator, plan) -> dict:
-        dataset = ImageDataset(self.splits.eval_images, self.splits.eval_labels)
-        result = evaluate_samples(model, dataset, self.cfg.eval_batch, accelerator, self.cfg.eval_max_batches)
-        result["eval/samples"] = result.pop("eval/count")
+        """eval/: the validation split where ``data.valid_size`` carves one, and then test/: the test set at
+        the same points (a table reports test at every budget); without one, eval/ is the test set."""
+        s = self.splits
+        sets = {"eval": (s.eval_images, s.eval_labels)} if s.valid_images is None else {
+            "eval": (s.valid_images, s.valid_labels), "test": (s.eval_images, s.eval_labels)}
+        result = {}
+        for prefix, (images, labels) in sets.items():
+            out = evaluate_samples(model, ImageDataset(images, labels), self.cfg.eval_batch, accelerator,
+                                   self.cfg.eval_max_batches)
+            result.update({f"{prefix}/loss": out["eval/loss"], f"{prefix}/accuracy": out["eval/accuracy"],
+                           f"{prefix}/samples": out["eval/count"]})
         return result

@@ -134,9 +134,12 @@ class VisionTask(Task):
         if self._splits is None:
             data = self.cfg.data
             if self.folder:
+                if data.valid_size:
+                    raise ConfigError("data.valid_size carves validation images from in-memory sources only; an "
+                                      "image folder's val/ is its held-out split: set data.valid_size=0")
                 self._splits = load_image_folder(data.folder, data.max_train)
             else:
-                self._splits = load_image_data(data.source, data.folder, data.max_train)
+                self._splits = load_image_data(data.source, data.folder, data.max_train, data.valid_size)
             wanted = self.cfg.model.num_classes
             if wanted is not None and wanted < self._splits.num_classes:
                 raise ConfigError(f"model.num_classes={wanted} but {self._splits.source} has "
@@ -179,13 +182,16 @@ class VisionTask(Task):
         return ImageClassifier(net, mean, std, label_smoothing=m.label_smoothing,
                                channels_last=bool(m.channels_last and on_cuda))
 
-    def _dataset(self, train: bool) -> Dataset:
+    def _dataset(self, split: str) -> Dataset:
+        """``split``: "train", "valid" (carved by data.valid_size) or "test" (the held-out split)."""
         m, s, seed = self.cfg.model, self.splits, self.cfg.seed
+        train = split == "train"
         if self.folder:
             files, labels = (s.train_files, s.train_labels) if train else (s.eval_files, s.eval_labels)
             return FolderImages(files, labels, seed=seed, size=m.image_size, resize=m.eval_resize,
                                 train=train and m.augment)
-        images, labels = (s.train_images, s.train_labels) if train else (s.eval_images, s.eval_labels)
+        images, labels = {"train": (s.train_images, s.train_labels), "valid": (s.valid_images, s.valid_labels),
+                          "test": (s.eval_images, s.eval_labels)}[split]
         return SmallImages(images, labels, seed=seed, padding=m.crop_padding,
                            flip=self.cfg.data.name in FLIPPED, augment=train and m.augment)
 
@@ -195,18 +201,26 @@ class VisionTask(Task):
                      "micro-batch; %d micro-batch(es) x %d device(s) make the batch of %d)",
                      plan.micro_batch, plan.accumulation, world_size, plan.batch)
             self._logged_bn_batch = True
-        return index_steps(self._dataset(train=True), plan, rank=rank, world_size=world_size,
+        return index_steps(self._dataset("train"), plan, rank=rank, world_size=world_size,
                            seed=self.cfg.seed, num_workers=self.cfg.data.num_workers,
                            first_epoch=STAGE_EPOCH_STRIDE * stage_index, start_step=start_step)
 
     def normaliser(self, micro_batch):
         return micro_batch["labels"].numel()
 
-    @torch.no_grad()
     def evaluate(self, model, accelerator, plan) -> dict:
         """Loss, top-1 and top-5 over the first ``eval_max_batches x eval_batch`` held-out images (all if
-        null), sharded over ranks and reduced: the same images whatever the world size."""
-        dataset, eval_batch = self._dataset(train=False), self.cfg.eval_batch
+        null), sharded over ranks and reduced: the same images whatever the world size. eval/: the
+        validation split where ``data.valid_size`` carves one, and then test/: the test set at the same points;
+        without one, eval/ is the held-out split."""
+        has_valid = not self.folder and self.splits.valid_images is not None
+        sets = {"eval": "valid", "test": "test"} if has_valid else {"eval": "test"}
+        return {f"{prefix}/{k}": v for prefix, split in sets.items() for k, v in self._score(model, accelerator,
+                                                                                              split).items()}
+
+    @torch.no_grad()
+    def _score(self, model, accelerator, split: str) -> dict:
+        dataset, eval_batch = self._dataset(split), self.cfg.eval_batch
         max_batches = self.cfg.eval_max_batches
         limit = len(dataset) if max_batches is None else min(len(dataset), max_batches * eval_batch)
         shard = Subset(dataset, range(accelerator.process_index, limit, accelerator.num_processes))
@@ -222,5 +236,4 @@ class VisionTask(Task):
         model.train()
         loss_sum, n, correct, correct5 = accelerator.reduce(totals, reduction="sum").tolist()
         n_ = max(n, 1)
-        return {"eval/loss": loss_sum / n_, "eval/accuracy": correct / n_, "eval/top5": correct5 / n_,
-                "eval/samples": int(n)}
+        return {"loss": loss_sum / n_, "accuracy": correct / n_, "top5": correct5 / n_, "samples": int(n)}
