@@ -94,8 +94,19 @@ def t_quantile(q: float, df: float) -> float:
     return (lo + hi) / 2.0
 
 
-def _normal_quantile(q: float) -> float:
-    return statistics.NormalDist().inv_cdf(q)
+def _mean(v: Sequence[float]) -> float:
+    return math.fsum(v) / len(v)
+
+
+def _std(v: Sequence[float]) -> float:
+    """The sample std in floats (statistics.stdev's exact fractions overflow on blown-up perplexities such as
+    1e206; here their spread is inf, and an interval with it resolves nothing)."""
+    m = _mean(v)
+    with_inf = any(math.isinf(x) for x in v) or not math.isfinite(m)
+    if with_inf:
+        return math.inf
+    total = math.fsum((x - m) * (x - m) for x in v)
+    return math.sqrt(total / (len(v) - 1)) if math.isfinite(total) else math.inf
 
 
 # ---------------------------------------------------------------------- cells and verdicts
@@ -124,10 +135,10 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Inter
     v = finite(values)
     if not v:
         return None
-    mean = statistics.fmean(v)
+    mean = _mean(v)
     if len(v) < 2:
         return Interval(mean, None, None, 1)
-    half = t_quantile(0.5 + confidence / 2, len(v) - 1) * statistics.stdev(v) / math.sqrt(len(v))
+    half = t_quantile(0.5 + confidence / 2, len(v) - 1) * _std(v) / math.sqrt(len(v))
     return Interval(mean, mean - half, mean + half, len(v))
 
 
@@ -152,15 +163,16 @@ def gap_interval(rung: Sequence[float], target: Sequence[float], higher_is_bette
     if not r or len(t) < 2 and len(r) < 2 or not t:
         return None
     sign = -1.0 if higher_is_better else 1.0
-    gap = sign * (statistics.fmean(r) - statistics.fmean(t))
+    gap = sign * (_mean(r) - _mean(t))
     if len(r) >= 2 and len(t) >= 2:
-        vr, vt = statistics.variance(r) / len(r), statistics.variance(t) / len(t)
+        vr, vt = _std(r) ** 2 / len(r), _std(t) ** 2 / len(t)
         se = math.sqrt(vr + vt)
-        df = (vr + vt) ** 2 / ((vr ** 2 / (len(r) - 1)) + (vt ** 2 / (len(t) - 1))) if vr + vt > 0 else len(r) + len(t) - 2
-        std, method = math.sqrt((statistics.variance(r) + statistics.variance(t)) / 2), "welch"
+        df = ((vr + vt) ** 2 / ((vr ** 2 / (len(r) - 1)) + (vt ** 2 / (len(t) - 1)))
+              if 0 < vr + vt < math.inf else len(r) + len(t) - 2)
+        std, method = math.sqrt((_std(r) ** 2 + _std(t) ** 2) / 2), "welch"
     else:
         one, many = (r, t) if len(r) < 2 else (t, r)
-        std = statistics.stdev(many)
+        std = _std(many)
         se = std * math.sqrt(1 / len(one) + 1 / len(many))
         df, method = len(many) - 1, "pooled on the target's std" if len(r) < 2 else "pooled on the rung's std"
     half = t_quantile(0.5 + confidence / 2, max(df, 1e-9)) * se
@@ -173,11 +185,13 @@ def seeds_needed(gap: Gap, margin: float, power: float = POWER, confidence: floa
     distance = abs(margin - gap.gap)
     if gap.std == 0:
         return 2
-    if distance == 0:
+    if distance == 0 or not math.isfinite(gap.std):
         return None
-    z = _normal_quantile(0.5 + confidence / 2) + _normal_quantile(power)
-    n = math.ceil(2 * (z * gap.std / distance) ** 2)
-    return max(n, 2) if n <= MAX_SEEDS_SAID else None
+    for n in range(2, MAX_SEEDS_SAID + 1):  # t quantiles with 2n - 2 df: a few seeds pay the small-sample price
+        df = 2 * n - 2
+        if (t_quantile(0.5 + confidence / 2, df) + t_quantile(power, df)) * gap.std * math.sqrt(2 / n) <= distance:
+            return n
+    return None
 
 
 @dataclass(frozen=True)
@@ -242,7 +256,7 @@ def final_value(curve: Sequence[dict], last: int = 1, key: str = "value") -> flo
     """The metric at the end of a run: the mean of its last ``last`` evaluations (classification's
     averaging over the last 3, which halves the evaluation noise of one point)."""
     values = finite(p.get(key) for p in curve)
-    return statistics.fmean(values[-last:]) if values else None
+    return _mean(values[-last:]) if values else None
 
 
 def metric_at_budget(curve: Sequence[dict], epochs: float, last: int = 1, key: str = "value") -> float | None:
@@ -301,7 +315,7 @@ def fit_critical_batch(batches: Sequence[float], steps: Sequence[float],
     n = len(pts)
     if n < 2 or len({x for x, _ in pts}) < 2:
         return None
-    mx, my = statistics.fmean(x for x, _ in pts), statistics.fmean(y for _, y in pts)
+    mx, my = _mean([x for x, _ in pts]), _mean([y for _, y in pts])
     sxx = sum((x - mx) ** 2 for x, _ in pts)
     slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
     intercept = my - slope * mx

@@ -1,0 +1,251 @@
+"""A batch ladder judged by the protocol (largebatch/protocol.py, docs/protocol.md): the one report
+toolkit both drivers' tables use for their verdicts.
+
+A ladder is a set of rows (scaling rules for LEGW, optimizers for LAMB's Table 1), each with rungs (batch
+sizes) of runs (seeds), and a target per row: the runs of the chosen base config on fresh seeds. Every run
+contributes two curves from its ``metrics.jsonl``: the selection metric (validation, ``eval/...``) and the
+reported metric (test, ``test/...``; the same curve where a task has no test split at every evaluation).
+
+:func:`assess` turns them into cells (mean and 95% t interval of the reported metric at an epoch budget),
+verdicts against the row's target (holds / fails / unresolved with the seeds that would resolve it), steps
+to result on the validation curves for several targets, the McCandlish fit and B_simple by quarter of
+training. :func:`render` writes the markdown sections; the drivers' own reports add their paper's sentences.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from largebatch import protocol as P
+from largebatch.report.runs import load_run, read_json, read_metrics
+
+
+@dataclass
+class Run:
+    row: str
+    batch: int
+    seed: int | None
+    status: str
+    record: str
+    select: list[dict]  # validation curve: {"step", "samples", "epoch", "value"}
+    report: list[dict]  # test curve (the validation one where the run logged no test metric)
+    peak_lr: float | None = None
+    warmup_epochs: float | None = None
+    steps: int | None = None
+    wall_time_s: float | None = None
+    note: str = ""
+    trial: bool = False  # a tuning trial (selection only), not a seed of a chosen config
+    b_simple: list = field(default_factory=list)  # by quarter of the run
+
+
+def _curve(metrics: list[dict], key: str, steps_per_epoch: int | None) -> list[dict]:
+    points = {}
+    for m in metrics:
+        v = m.get(key)
+        if "loss" in m or m.get("samples") is None or not isinstance(v, (int, float)):
+            continue
+        points[m["samples"]] = {"step": m.get("step"), "samples": m["samples"], "epoch": m.get("epoch") or (
+                                    m["step"] / steps_per_epoch if steps_per_epoch and m.get("step") else None),
+                                "value": v if math.isfinite(v) else None}
+    return [points[k] for k in sorted(points)]
+
+
+def load(entries: list[dict], select_key: str, report_key: str) -> list[Run]:
+    """One :class:`Run` per entry ``{"row", "batch", "seed", "dir"[, "record", "trial"]}``."""
+    runs = []
+    for e in entries:
+        info = load_run(Path(e["dir"]))
+        metrics = read_metrics(Path(e["dir"]))
+        plan = (read_json(Path(e["dir"]) / "plan.json") or [{}])[-1]
+        ok = info["status"] == "ok"
+        per_epoch = plan.get("steps_per_epoch")
+        select = _curve(metrics, select_key, per_epoch) if ok else []
+        report = _curve(metrics, report_key, per_epoch) if ok else []
+        runs.append(Run(row=e["row"], batch=int(e["batch"]), seed=e.get("seed"), status=info["status"],
+                        record=str(e.get("record") or e["dir"]), select=select, report=report or select,
+                        peak_lr=plan.get("lr"), warmup_epochs=plan.get("warmup_epochs"), steps=info["steps"],
+                        wall_time_s=info["wall_time_s"], note=info["note"], trial=bool(e.get("trial")),
+                        b_simple=P.noise_scale_by_part([m for m in metrics if "loss" in m])))
+    return runs
+
+
+@dataclass
+class Spec:
+    """What a ladder's table is judged by."""
+
+    select_key: str  # e.g. "eval/accuracy" (validation)
+    report_key: str  # e.g. "test/accuracy"
+    higher_is_better: bool
+    margin: float  # relative to the target's mean: the equivalence margin of a verdict
+    last: int = 1  # evaluations averaged at the end of a budget (3 for classification)
+    budgets: tuple = (None,)  # epoch budgets read from the same runs; None: each run's end
+    baseline: float | None = None  # the trivial baseline (unigram, majority class) in the reported metric
+    baseline_name: str = "trivial baseline"
+    step_targets: tuple = (2, 1, 0)  # steps-to-result targets: the validation target loosened by k margins
+
+
+def value(run: Run, curve: str, budget: float | None, last: int) -> float | None:
+    points = getattr(run, curve)
+    if run.status != "ok":
+        return None
+    if budget is None:
+        return P.final_value(points, last)
+    return P.metric_at_budget(points, budget, last)
+
+
+def values(runs: list[Run], curve: str, budget, last: int) -> list[float]:
+    return P.finite(value(r, curve, budget, last) for r in runs)
+
+
+@dataclass
+class Cell:
+    row: str
+    batch: int
+    runs: list[Run]
+    interval: P.Interval | None
+    verdict: P.Verdict | None  # None for the target itself
+    below_baseline: bool = False
+
+
+def assess(runs: list[Run], spec: Spec, budget: float | None, targets: dict[str, list[Run]]) -> dict:
+    """Cells and verdicts at one budget. ``targets``: {row: its target runs}; a row without one borrows the
+    "*" entry (LEGW: every rule shares the base). Trials are left out of cells (they only select)."""
+    cells: dict[tuple[str, int], Cell] = {}
+    seeds = [r for r in runs if not r.trial]
+    for row in dict.fromkeys(r.row for r in seeds):
+        target_runs = targets.get(row, targets.get("*", []))
+        target = values(target_runs, "report", budget, spec.last)
+        mean = statistics.fmean(target) if target else None
+        for batch in sorted({r.batch for r in seeds if r.row == row}):
+            rung = [r for r in seeds if r.row == row and r.batch == batch]
+            v = values(rung, "report", budget, spec.last)
+            is_target = rung == target_runs
+            verdict = None if is_target or mean is None else P.verdict(v, target, spec.margin * abs(mean),
+                                                                         spec.higher_is_better)
+            below = spec.baseline is not None and bool(v) and not P.beats_baseline(v, spec.baseline,
+                                                                                   spec.higher_is_better)
+            cells[row, batch] = Cell(row, batch, rung, P.t_interval(v), verdict, below)
+    target_values = {row: values(t, "report", budget, spec.last) for row, t in targets.items()}
+    return {"cells": cells, "targets": target_values, "budget": budget}
+
+
+def reach_of(assessed: dict, row: str, base_batch: int) -> tuple[int, int]:
+    verdicts = [(b, c.verdict) for (r, b), c in assessed["cells"].items() if r == row and c.verdict is not None]
+    return P.reach(verdicts, base_batch)
+
+
+# ---------------------------------------------------------------------- steps to result and the fit
+
+
+def step_targets(spec: Spec, target_runs: list[Run]) -> list[float]:
+    """The validation targets of the steps-to-result table: the target runs' mean final validation metric,
+    loosened by k margins for each k of ``spec.step_targets`` (the strictest last)."""
+    v = values(target_runs, "select", None, spec.last)
+    if not v:
+        return []
+    mean = statistics.fmean(v)
+    sign = -1.0 if spec.higher_is_better else 1.0
+    return [mean + sign * k * spec.margin * abs(mean) for k in spec.step_targets]
+
+
+def steps_table(runs: list[Run], spec: Spec, targets: list[float]) -> dict[tuple[str, int], list[float | None]]:
+    """{(row, batch): [fewest steps to each target over the rung's runs, trials included]} (Shallue et al.)."""
+    out = {}
+    for key in dict.fromkeys((r.row, r.batch) for r in runs):
+        rung = [r for r in runs if (r.row, r.batch) == key and r.status == "ok"]
+        out[key] = [P.min_steps_to_result([r.select for r in rung], t, spec.higher_is_better) for t in targets]
+    return out
+
+
+def fit(steps: dict, row: str, index: int, base: tuple[str, int] | None = None) -> P.CriticalBatchFit | None:
+    """McCandlish's fit to ``row``'s steps to target ``index`` (with the shared base rung ``base``)."""
+    pts = {b: s[index] for (r, b), s in steps.items() if r == row and s[index] is not None}
+    if base is not None and base in steps and steps[base][index] is not None:
+        pts.setdefault(base[1], steps[base][index])
+    return P.fit_critical_batch(list(pts), list(pts.values()))
+
+
+def noise_by_batch(runs: list[Run]) -> dict[int, list[float | None]]:
+    """Per batch, the median over its runs of B_simple in each quarter of training."""
+    out = {}
+    for batch in sorted({r.batch for r in runs}):
+        quarters = [r.b_simple for r in runs if r.batch == batch and r.status == "ok" and r.b_simple]
+        out[batch] = [statistics.median(v) if (v := P.finite(q[i] for q in quarters)) else None for i in range(4)]
+    return out
+
+
+# ---------------------------------------------------------------------- markdown
+
+
+def fmt(x, digits: int = 4) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "—"
+    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def table(headers: list[str], body: list[list]) -> list[str]:
+    return ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(map(str, row)) + " |" for row in body)]
+
+
+def cell_text(cell: Cell | None) -> str:
+    if cell is None:
+        return ""
+    if cell.interval is None:
+        return "— (no finished seed) ✗"
+    text = cell.interval.text()
+    if cell.verdict is None:
+        text += " (target)"
+    else:
+        text += f" {cell.verdict.mark}" + ("" if cell.verdict.word in ("holds", "fails")
+                                           else f" {cell.verdict.text()}")
+    return text + (" ⚠ not above the baseline" if cell.below_baseline else "")
+
+
+def budget_name(budget) -> str:
+    return "each run's end" if budget is None else f"{budget:g} epochs"
+
+
+def cells_section(assessed: dict, rows: list[str], names: dict[str, str], metric: str, base_batch: int,
+                  extra: dict[str, str] | None = None) -> list[str]:
+    batches = sorted({b for _, b in assessed["cells"]})
+    cells = assessed["cells"]  # a row's base rung may be a shared one ("base", as in LEGW)
+    body = [[b, f"{b / base_batch:g}", *(cell_text(cells.get((row, b)) or cells.get(("base", b))) for row in rows)]
+            for b in batches]
+    headers = ["batch", "k", *(names.get(r, r) + (f" ({extra[r]})" if extra and r in extra else "") for r in rows)]
+    return [f"### {metric} at {budget_name(assessed['budget'])}", "", *table(headers, body), ""]
+
+
+def steps_section(steps: dict, targets: list[float], rows: list[str], names: dict[str, str], metric: str,
+                  base: tuple[str, int] | None) -> list[str]:
+    if not targets:
+        return []
+    batches = sorted({b for _, b in steps})
+    headers = ["batch", *(f"{names.get(r, r)}: " + " / ".join(f"{t:.4g}" for t in targets) for r in rows)]
+    body = []
+    for b in batches:
+        row_cells = []
+        for r in rows:
+            s = steps.get((r, b)) or (steps.get(base) if base and b == base[1] else None)
+            row_cells.append("" if s is None else " / ".join(fmt(x) for x in s))
+        body.append([b, *row_cells])
+    return [f"Steps to result (Shallue et al.: the first evaluation whose validation {metric} strictly beats the "
+            "target, the fewest over the rung's runs and trials; — never) for the targets "
+            + ", ".join(f"{t:.4g}" for t in targets) + " (the strictest last):", "", *table(headers, body), ""]
+
+
+def noise_section(noise: dict[int, list], fits: dict[str, P.CriticalBatchFit | None]) -> list[str]:
+    lines = ["Gradient noise scale B_simple (McCandlish et al.) by quarter of each run's steps, the median over the "
+             "rung's runs, in samples:", ""]
+    lines += table(["batch", "Q1", "Q2", "Q3", "Q4"], [[b, *(fmt(x, 3) for x in q)] for b, q in noise.items()])
+    lines.append("")
+    for name, f in fits.items():
+        lines.append(f"- McCandlish fit `steps = S_min (1 + B_crit / B)` to {name}: "
+                     + (f.text() if f else "no fit (fewer than two rungs reached the target, or no curve of that "
+                        "shape: more steps at the larger batches)") + ".")
+    return [*lines, ""]
