@@ -37,6 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from largebatch import protocol as P  # noqa: E402
 from largebatch.config import compose  # noqa: E402
 from largebatch.drivers import (  # noqa: E402
     CHECKPOINT_EVERY_EPOCHS,
@@ -48,12 +49,11 @@ from largebatch.drivers import (  # noqa: E402
     finite_or_inf,
     next_lr,
     rel,
+    run_action,  # noqa: E402
     widening_sweep,
 )
 from largebatch.errors import LargebatchError, fail  # noqa: E402
 from largebatch.fileio import atomic_write_json  # noqa: E402
-from largebatch import protocol as P  # noqa: E402
-from largebatch.drivers import run_action  # noqa: E402
 from largebatch.report import ladder as L  # noqa: E402
 from largebatch.report import legw as legw_report  # noqa: E402
 from largebatch.report.runs import read_json, read_metrics  # noqa: E402
