@@ -107,7 +107,8 @@ class TextDataConfig:
     text_column: str = "text"
     seq_len: int = 64
     mlm_probability: float = 0.15
-    eval_fraction: float = 0.05  # held-out share of DOCUMENTS
+    eval_fraction: float = 0.05  # held-out share of DOCUMENTS: validation (evaluation points, selection)
+    test_fraction: float = 0.0  # a second held-out share of documents: test/ metrics at every evaluation point
     max_documents: int | None = None  # keep only the first N documents (tests, smoke runs)
     cache_dir: str = ".cache/largebatch"
     num_workers: Any = "auto"  # auto (CUDA: a few workers + pinned memory; CPU: 0) | N (largebatch/device.py)
@@ -353,6 +354,12 @@ def validate(cfg) -> None:
     positive("checkpoint_every_epochs", cfg.checkpoint_every_epochs, allow_none=True, integer=False)
     positive("keep_checkpoints", cfg.keep_checkpoints)
     positive("max_consecutive_skips", cfg.max_consecutive_skips, zero=True)
+    if "test_fraction" in cfg.data and "eval_fraction" in cfg.data:  # the text corpora (documents)
+        held = (cfg.data.eval_fraction, cfg.data.test_fraction)
+        if not (0 < held[0] < 1 and 0 <= held[1] < 1 and sum(held) < 1):
+            raise ConfigError(f"data.eval_fraction={held[0]} and data.test_fraction={held[1]} must be shares of the "
+                              "documents: eval in (0, 1), test in [0, 1), together under 1")
+    positive("data.valid_size", cfg.data.get("valid_size", 0), zero=True)
     for i, stage in enumerate(cfg.stages):
         positive(f"stages[{i}].batch", stage.batch, allow_none=True)
         positive(f"stages[{i}].micro_batch", stage.micro_batch, allow_none=True)

@@ -88,3 +88,14 @@ def test_eval_split_and_masks_are_fixed_across_training_seeds(compose_cfg):
     assert torch.equal(a.eval[0]["labels"], b.eval[0]["labels"])
     assert not torch.equal(a.train[0]["labels"], b.train[0]["labels"])
     assert len(a.train) > 10 * len(a.eval) > 0
+
+
+def test_a_test_split_leaves_validation_as_it_was_and_comes_out_of_training():
+    from largebatch.data import _split_documents
+
+    documents = [f"document {i}" for i in range(200)]
+    two = _split_documents(documents, 0.05)
+    three = _split_documents(documents, 0.05, 0.05)
+    assert three["eval"] == two["eval"] and len(three["test"]) == 10 and "test" not in two
+    assert set(three["train"]) == set(two["train"]) - set(three["test"])
+    assert not set(three["test"]) & set(three["eval"])

@@ -179,19 +179,14 @@ def _verdict(tmp_path, **losses) -> str:
 
 
 def test_what_this_shows_follows_the_numbers(tmp_path):
+    """One seed a cell: no interval, so no rung is shown to hold or fail and no verdict is "yes" (the band rule
+    used to say "This shows the paper's effect" here)."""
     shows = _verdict(tmp_path / "a", lamb=(4.00, 4.01, 4.02), adamw=(4.00, 4.10, 4.40))
-    assert "This shows the paper's effect" in shows and "rises by 0.4" in shows
+    assert "Verdict: unresolved" in shows and "Verdict: yes" not in shows and "paper's effect" not in shows
     assert "lamb: eval loss 4.0000 at batch 4 → 4.0200 at batch 64 (16x larger): change +0.02" in shows
     assert "1 run(s) did not finish" in shows and "same number of training samples (1024)" in shows
-    assert "lamb has a lower eval loss than adamw at 2 of 3 shared batch size(s) (4, 16, 64), an equal one at 1" in shows
+    assert "lamb against adamw, eval loss difference at each shared batch: 4: 4.0000 vs 4.0000 (one seed" in shows
     assert "evaluated at sequence length 64" in shows  # the mixed run's eval set differs
-
-    both_flat = _verdict(tmp_path / "b", lamb=(4.00, 4.01, 4.02), adamw=(4.00, 4.01, 4.03))
-    assert "This does NOT show the paper's effect: adamw also stays within the tolerance" in both_flat
-    opposite = _verdict(tmp_path / "c", lamb=(4.00, 4.20, 4.50), adamw=(4.00, 4.01, 4.02))
-    assert "shows the opposite" in opposite
-    both_worse = _verdict(tmp_path / "d", lamb=(4.00, 4.10, 4.20), adamw=(4.00, 4.30, 4.60))
-    assert "both degrade" in both_worse and "lamb degrades less" in both_worse
 
 
 def test_seeds_are_averaged_with_their_spread(tmp_path):

@@ -38,9 +38,10 @@ __all__ = ["MLMData", "build_mlm_data", "corpus_cache_dir"]
 @dataclass
 class MLMData:
     train: MaskedLMDataset
-    eval: MaskedLMDataset
+    eval: MaskedLMDataset  # validation: what evaluation points and selection read
     tokenizer: object
     seq_len: int
+    test: MaskedLMDataset | None = None  # held out apart from validation (data.test_fraction > 0)
 
     @property
     def vocab_size(self) -> int:
@@ -64,6 +65,8 @@ def _cache_spec(data_cfg, vocab_size: int) -> dict:
         "hub": list(data_cfg.hub_datasets), "text_column": data_cfg.text_column,
         "max_documents": data_cfg.max_documents, "eval_fraction": data_cfg.eval_fraction,
         "vocab_size": vocab_size, "version": CACHE_VERSION, "inputs": input_fingerprint(data_cfg),
+        # only when set, so the caches built before test splits existed keep their keys
+        **({"test_fraction": data_cfg.test_fraction} if data_cfg.test_fraction else {}),
     }
 
 
@@ -76,13 +79,17 @@ def _cache_dir(data_cfg, spec: dict) -> Path:
     return Path(data_cfg.cache_dir) / f"{data_cfg.name}-v{spec['vocab_size']}-{digest}"
 
 
-def _split_documents(documents: list[str], eval_fraction: float) -> tuple[list[str], list[str]]:
+def _split_documents(documents: list[str], eval_fraction: float, test_fraction: float = 0.0) -> dict[str, list[str]]:
+    """{"train", "eval"[, "test"]}: by document, with a fixed seed. The validation documents are the same
+    with or without a test split; the test documents come out of training."""
     order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     n_eval = max(1, round(eval_fraction * len(documents)))
-    held_out = set(order[:n_eval])
-    train = [d for i, d in enumerate(documents) if i not in held_out]
-    evaluation = [d for i, d in enumerate(documents) if i in held_out]
-    return train, evaluation
+    n_test = max(1, round(test_fraction * len(documents))) if test_fraction else 0
+    role = {i: "eval" for i in order[:n_eval]} | {i: "test" for i in order[n_eval:n_eval + n_test]}
+    splits = {"train": [], "eval": [], **({"test": []} if n_test else {})}
+    for i, d in enumerate(documents):
+        splits[role.get(i, "train")].append(d)
+    return splits
 
 
 def _describe(data_cfg) -> str:
@@ -90,33 +97,33 @@ def _describe(data_cfg) -> str:
     return f"data={data_cfg.name} {list(inputs)}"
 
 
-def _split_corpus(data_cfg) -> tuple[list[str], list[str]]:
+def _split_corpus(data_cfg) -> dict[str, list[str]]:
     from largebatch.data.sources import load_documents
 
     documents = load_documents(data_cfg)
-    train_docs, eval_docs = _split_documents(documents, data_cfg.eval_fraction)
-    if not train_docs:
+    docs = _split_documents(documents, data_cfg.eval_fraction, data_cfg.test_fraction)
+    if not docs["train"]:
         raise ConfigError(
             f"{_describe(data_cfg)} yields {len(documents)} document(s), all held out for evaluation "
-            f"(data.eval_fraction={data_cfg.eval_fraction}): add documents (in .txt files, blank-line-separated "
+            f"(data.eval_fraction={data_cfg.eval_fraction}, data.test_fraction={data_cfg.test_fraction}): add documents (in .txt files, blank-line-separated "
             "blocks) or lower data.eval_fraction"
             + (f" / raise data.max_documents={data_cfg.max_documents}" if data_cfg.max_documents else "")
         )
-    return train_docs, eval_docs
+    return docs
 
 
-def _tokenize(tokenizer, train_docs: list[str], eval_docs: list[str], seq_len: int, data_cfg) -> dict:
+def _tokenize(tokenizer, docs: dict[str, list[str]], seq_len: int, data_cfg) -> dict:
     splits = {}
-    for name, docs in (("train", train_docs), ("eval", eval_docs)):
-        ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    for name, texts in docs.items():
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         splits[name] = pack_sequences(ids, seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
-    empty = [name for name in ("train", "eval") if len(splits[name]) == 0]
+    empty = [name for name in splits if len(splits[name]) == 0]
     if empty:  # a run on them would "finish" with loss 0.0 and 0 eval tokens
         raise ConfigError(
             f"{_describe(data_cfg)} holds too little text for sequences of {seq_len} tokens: "
-            f"{len(splits['train'])} train / {len(splits['eval'])} eval sequences from {len(train_docs)} / "
-            f"{len(eval_docs)} documents; add text, lower data.seq_len, or raise data.eval_fraction "
-            "(if the eval split is the empty one)"
+            + " / ".join(f"{len(splits[n])} {n}" for n in splits) + " sequences from "
+            + " / ".join(str(len(docs[n])) for n in splits) + " documents; add text, lower data.seq_len, or raise "
+            "data.eval_fraction (data.test_fraction) if a held-out split is the empty one"
         )
     return splits
 
@@ -142,7 +149,7 @@ def _load_sequences(path: Path, tokenizer_id: str) -> dict | None:
     if saved.get("tokenizer") != tokenizer_id:
         log.warning("data cache file %s was made with another tokenizer: tokenizing again", path)
         return None
-    return {"train": saved["train"], "eval": saved["eval"]}
+    return {k: v for k, v in saved.items() if k in ("train", "eval", "test")}
 
 
 class _BuiltMeanwhile(Exception):
@@ -152,23 +159,27 @@ class _BuiltMeanwhile(Exception):
 def _build_cache(data_cfg, spec: dict, seq_len: int, cache: Path):
     """The first build: documents, tokenizer and ``seq{seq_len}.pt`` in a temporary folder, renamed to
     ``cache`` only when all of it is written (a failure leaves no folder behind)."""
-    train_docs, eval_docs = _split_corpus(data_cfg)
+    docs = _split_corpus(data_cfg)
     try:
         with atomic_dir(cache) as tmp:
-            wordpiece.save_tokenizer(wordpiece.train_wordpiece(train_docs, spec["vocab_size"]), tmp)
+            wordpiece.save_tokenizer(wordpiece.train_wordpiece(docs["train"], spec["vocab_size"]), tmp)
             tokenizer = wordpiece.load_tokenizer(tmp)
-            splits = _tokenize(tokenizer, train_docs, eval_docs, seq_len, data_cfg)
+            splits = _tokenize(tokenizer, docs, seq_len, data_cfg)
             _save_sequences(splits, tmp / f"seq{seq_len}.pt", wordpiece.tokenizer_id(tmp))
-            atomic_write_json(tmp / MANIFEST, {**spec, "documents": {"train": len(train_docs),
-                                                                     "eval": len(eval_docs)}})
+            atomic_write_json(tmp / MANIFEST, {**spec, "documents": {k: len(v) for k, v in docs.items()}})
             if wordpiece.has_tokenizer(cache):  # first complete build wins: every run then uses one tokenizer
                 raise _BuiltMeanwhile
     except _BuiltMeanwhile:
         log.info("another process built the data cache %s meanwhile: using it", cache)
         return _load_or_build(data_cfg, spec, seq_len, cache)
-    log.info("tokenized %d train / %d eval documents into %d / %d sequences of %d tokens (cache: %s)",
-             len(train_docs), len(eval_docs), len(splits["train"]), len(splits["eval"]), seq_len, cache)
+    _log_tokenized(docs, splits, seq_len, cache)
     return wordpiece.load_tokenizer(cache), splits
+
+
+def _log_tokenized(docs: dict, splits: dict, seq_len: int, cache: Path) -> None:
+    log.info("tokenized %s documents into %s sequences of %d tokens (cache: %s)",
+             " / ".join(f"{len(v)} {k}" for k, v in docs.items()), " / ".join(str(len(v)) for v in splits.values()),
+             seq_len, cache)
 
 
 def _load_or_build(data_cfg, spec: dict, seq_len: int, cache: Path):
@@ -181,11 +192,10 @@ def _load_or_build(data_cfg, spec: dict, seq_len: int, cache: Path):
     seq_file = cache / f"seq{seq_len}.pt"
     splits = _load_sequences(seq_file, token_id)
     if splits is None:  # a new sequence length for an existing tokenizer: one more file, renamed into place
-        train_docs, eval_docs = _split_corpus(data_cfg)
-        splits = _tokenize(tokenizer, train_docs, eval_docs, seq_len, data_cfg)
+        docs = _split_corpus(data_cfg)
+        splits = _tokenize(tokenizer, docs, seq_len, data_cfg)
         _save_sequences(splits, seq_file, token_id)
-        log.info("tokenized %d train / %d eval documents into %d / %d sequences of %d tokens (cache: %s)",
-                 len(train_docs), len(eval_docs), len(splits["train"]), len(splits["eval"]), seq_len, cache)
+        _log_tokenized(docs, splits, seq_len, cache)
     return tokenizer, splits
 
 
@@ -214,4 +224,5 @@ def build_mlm_data(data_cfg, vocab_size: int, seq_len: int, seed: int) -> MLMDat
         eval=MaskedLMDataset(splits["eval"], seed=SPLIT_SEED, **common),
         tokenizer=tokenizer,
         seq_len=seq_len,
+        test=MaskedLMDataset(splits["test"], seed=SPLIT_SEED, **common) if "test" in splits else None,
     )

@@ -187,6 +187,7 @@ def load_run(run_dir: Path) -> dict:
         row.update(
             steps=summary.get("steps"), samples=summary.get("samples"), final_loss=_finite(summary.get("final_loss")),
             eval_loss=_finite(summary.get("eval/loss")), eval_accuracy=_finite(summary.get("eval/accuracy")),
+            test_loss=_finite(summary.get("test/loss")),
             eval_tokens=summary.get("eval/tokens"), wall_time_s=summary.get("wall_time_s"),
             samples_per_s=summary.get("samples_per_s"), skipped_steps=summary.get("skipped_steps"),
             b_noise=noise_scale_summary(train_lines, summary.get("steps")),
@@ -199,7 +200,7 @@ def load_run(run_dir: Path) -> dict:
         last = train_lines[-1] if train_lines else {}
         step = (recorded or {}).get("step")
         row.update(steps=step if isinstance(step, int) else last.get("step"), samples=last.get("samples"),
-                   final_loss=None, eval_loss=None, eval_accuracy=None, eval_tokens=None, wall_time_s=None,
+                   final_loss=None, eval_loss=None, eval_accuracy=None, test_loss=None, eval_tokens=None, wall_time_s=None,
                    samples_per_s=None, skipped_steps=last.get("skipped_steps"))
         row["note"] = _unfinished_note(run_dir, status, recorded, summary, last, row["planned_steps"], bool(plan))
     return row

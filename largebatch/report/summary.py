@@ -23,11 +23,11 @@ Besides the end-of-training losses, the findings measure how the ladder scales:
 
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from largebatch import protocol as P
 from largebatch.report.runs import AXIS_KEYS, key_matches, optimizer_rank, result_config, to_target
 
 MAX_LISTED = 10  # failed runs named in the prose; the 'Every run' table lists all of them
@@ -129,28 +129,27 @@ def ladder(cells: list[Cell], optimizer: str) -> list[Cell]:
     return found[0] if found else []
 
 
-def _rung_change(cells: list[Cell], optimizer: str, tolerance: float) -> dict | None:
+def _rung_change(cells: list[Cell], optimizer: str, tolerance: float, key: str = "eval_loss") -> dict | None:
+    """Base to top rung of one optimizer's ladder: the change of ``key`` and the protocol's interval verdict."""
     rungs = ladder(cells, optimizer)
     if len(rungs) < 2:
         return None
     base, top = rungs[0], rungs[-1]
-    delta = top.mean("eval_loss") - base.mean("eval_loss")
-    spreads = [s for s in (base.std("eval_loss"), top.std("eval_loss")) if s is not None]
-    return {"base": base, "top": top, "delta": delta, "holds": delta <= tolerance,
-            "noise": max(spreads) if len(spreads) == 2 else None}
+    verdict = P.verdict(top.values(key), base.values(key), tolerance, higher_is_better=False)
+    return {"base": base, "top": top, "delta": top.mean(key) - base.mean(key), "verdict": verdict,
+            "holds": verdict.word == "holds", "key": key}
 
 
 def _describe_change(name: str, ch: dict, tolerance: float) -> str:
-    base, top, delta = ch["base"], ch["top"], ch["delta"]
+    base, top, delta, key = ch["base"], ch["top"], ch["delta"], ch["key"]
+    label = key.replace("_", " ")
     ratio = f"{top.batch / base.batch:g}" if base.batch and top.batch else None
-    verdict = (f"within the {fmt(tolerance)} tolerance" if abs(delta) <= tolerance
-               else "better than at the base rung" if delta < 0 else f"worse by more than the {fmt(tolerance)} tolerance")
-    text = (f"{name}: eval loss {base.fmt('eval_loss')} at batch {base.batch_schedule} → {top.fmt('eval_loss')} at "
-            f"batch {top.batch_schedule}{f' ({ratio}x larger)' if ratio else ''}: change {delta:+.4g}, {verdict}.")
-    if ch["noise"] is not None:
-        text += (f" The change is {'smaller' if abs(delta) < ch['noise'] else 'larger'} than the seed-to-seed "
-                 f"spread ({fmt(ch['noise'], 2)}).")
-    return text
+    g = ch["verdict"].gap
+    interval = f" (95% interval of the change [{g.lo:+.3g}, {g.hi:+.3g}])" if g is not None else ""
+    word = {"holds": f"holds within the {fmt(tolerance)} margin", "fails": f"fails: worse by more than {fmt(tolerance)}",
+            "unresolved": ch["verdict"].text(), "missing": "no finished seed"}[ch["verdict"].word]
+    return (f"{name}: {label} {base.fmt(key)} at batch {base.batch_schedule} → {top.fmt(key)} at batch "
+            f"{top.batch_schedule}{f' ({ratio}x larger)' if ratio else ''}: change {delta:+.4g}{interval}: {word}.")
 
 
 def findings(rows: list[dict], *, unigram: dict | None = None, candidate: str = "lamb", baseline: str = "adamw",
@@ -177,41 +176,28 @@ def findings(rows: list[dict], *, unigram: dict | None = None, candidate: str = 
         out.append(f"The finished runs did NOT all see the same number of samples ({budgets[0]} to {budgets[-1]}): "
                    "comparisons across batch sizes are not like-for-like.")
 
-    changes = {name: _rung_change(cells, name, tolerance) for name in (candidate, baseline)}
+    key = "test_loss" if any(r.get("test_loss") is not None for r in done) else "eval_loss"
+    if key == "test_loss":
+        out.append("Verdicts read the test loss (held-out documents apart from the validation ones that select the "
+                   "learning rates and that the evaluation points and steps to target read).")
+    changes = {name: _rung_change(cells, name, tolerance, key) for name in (candidate, baseline)}
     for name, ch in changes.items():
         if ch is not None:
             out.append(_describe_change(name, ch, tolerance))
-    cand, base = changes[candidate], changes[baseline]
-    if cand is None or base is None:
-        missing = [n for n, ch in changes.items() if ch is None]
-        out.append("Cannot judge the paper's claim: no finished runs at two or more batch sizes for "
-                   f"{' and '.join(missing)}.")
-    elif cand["holds"] and not base["holds"]:
-        out.append(f"This shows the paper's effect at this scale: {candidate} keeps its eval loss from the base to "
-                   f"the top rung while {baseline}'s rises by {base['delta']:.4g}.")
-    elif cand["holds"] and base["holds"]:
-        out.append(f"This does NOT show the paper's effect: {baseline} also stays within the tolerance, so this "
-                   f"batch ladder does not separate {candidate} from {baseline}.")
-    elif base["holds"]:
-        out.append(f"This does NOT show the paper's effect; it shows the opposite: {candidate}'s eval loss rises by "
-                   f"{cand['delta']:.4g} from the base to the top rung while {baseline}'s stays within the tolerance.")
-    else:
-        less = candidate if cand["delta"] < base["delta"] else baseline
-        out.append(f"This does NOT show the paper's effect: both degrade at the top rung ({candidate} "
-                   f"{cand['delta']:+.4g}, {baseline} {base['delta']:+.4g}); {less} degrades less.")
-    if any(ch is not None and ch["noise"] is not None and abs(ch["delta"]) < ch["noise"] for ch in changes.values()):
-        out.append("At least one of these changes is smaller than its seed-to-seed spread, so the verdict above "
-                   "is not a reliable difference.")
+    missing = [n for n, ch in changes.items() if ch is None]
+    if missing:
+        out.append(f"Cannot judge the paper's claim: no finished runs at two or more batch sizes for {' and '.join(missing)}.")
     out += _single_seeds([c for name in (candidate, baseline) for c in ladder(cells, name)], candidate, baseline)
-    holds = {name: hold_up_to(cells, name, tolerance) for name in (candidate, baseline)}
+    holds = {name: hold_up_to(cells, name, tolerance, key) for name in (candidate, baseline)}
     out += [_describe_hold(name, h, tolerance) for name, h in holds.items() if h is not None]
-    out += _gaps_against_spread(cells, candidate, baseline)
+    out += _gaps_against_spread(cells, candidate, baseline, key)
     out += _steps_to_target(cells, (candidate, baseline), target, scaling_factor)
     out += _noise_scale(cells, (candidate, baseline), holds)
-    out.append(_verdict(holds, candidate, baseline))  # the ladder's question, answered after its evidence
+    untrained = _untrained(cells, unigram, key)
+    out.append(_verdict(holds, candidate, baseline, untrained))  # the ladder's question, answered after its evidence
 
     out += _configurations(cells, candidate, baseline)
-    out += _head_to_head(cells, candidate)
+    out += _head_to_head(cells, candidate, key, untrained)
     out += _mixed_batch(cells)
     out += _downstream(cells, done, candidate)
     out += _throughput(cells, candidate)
@@ -227,44 +213,40 @@ def findings(rows: list[dict], *, unigram: dict | None = None, candidate: str = 
     return out
 
 
-# --- noise bands: a gap is a difference only when it is wider than the seed-to-seed spread
+# --- interval verdicts (largebatch/protocol.py): no verdict borrows spread from another rung
 
 
-def pooled_std(a: Cell, b: Cell, key: str = "eval_loss") -> float | None:
-    """The pooled sample standard deviation of two cells' seeds (sqrt of the variances weighted by their degrees
-    of freedom); a single-seed cell adds nothing to it. None when neither cell has two seeds."""
-    num = dof = 0.0
-    for c in (a, b):
-        v = c.values(key)
-        if len(v) >= 2:
-            num += (len(v) - 1) * statistics.variance(v)
-            dof += len(v) - 1
-    return math.sqrt(num / dof) if dof else None
-
-
-def noise_band(a: Cell, b: Cell, tolerance: float, key: str = "eval_loss") -> float:
-    """How far apart two cells' means may be and still count as the same: max(tolerance, 2 x pooled std). The
-    tolerance alone where there is no spread to measure (single seeds)."""
-    spread = pooled_std(a, b, key)
-    return tolerance if spread is None else max(tolerance, 2 * spread)
-
-
-def hold_up_to(cells: list[Cell], optimizer: str, tolerance: float) -> dict | None:
-    """How far up its ladder an optimizer holds its base rung's eval loss: ``last``, the largest batch up to
-    which every rung's mean is within the noise band of the base rung (a rung better than the base counts as
-    within); ``first_off``, the first rung worse than the base by more than the band, with its gap and band
-    (None when every rung holds). None without two rungs."""
+def hold_up_to(cells: list[Cell], optimizer: str, tolerance: float, key: str = "eval_loss") -> dict | None:
+    """How far up its ladder an optimizer holds its base rung's loss, by the protocol's interval verdicts
+    (``tolerance``: the margin, nats): ``last`` the largest batch up to which every rung holds, ``possible`` the
+    largest up to which none fails (between them: unresolved), ``first_off`` the first rung that does not hold.
+    None without two rungs."""
     rungs = ladder(cells, optimizer)
     if len(rungs) < 2:
         return None
-    base, last, first_off = rungs[0], rungs[0], None
-    for c in rungs[1:]:
-        gap, band = c.mean("eval_loss") - base.mean("eval_loss"), noise_band(base, c, tolerance)
-        if gap > band:
-            first_off = {"cell": c, "gap": gap, "band": band, "spread": pooled_std(base, c)}
-            break
-        last = c
-    return {"base": base, "last": last, "top": rungs[-1], "first_off": first_off}
+    base = rungs[0]
+    verdicts = [(c, P.verdict(c.values(key), base.values(key), tolerance, higher_is_better=False)) for c in rungs[1:]]
+    proven, possible = P.reach([(c.batch, v) for c, v in verdicts], base.batch)
+    by_batch = {c.batch: c for c in rungs}
+    first_off = next(((c, v) for c, v in verdicts if v.word != "holds"), None)
+    return {"base": base, "last": by_batch[proven], "possible": by_batch[possible], "top": rungs[-1],
+            "first_off": first_off, "verdicts": verdicts}
+
+
+def _describe_hold(name: str, h: dict, tolerance: float) -> str:
+    base, last = h["base"], h["last"]
+    head = f"{name} holds its base rung's loss (batch {base.batch_schedule}, margin {fmt(tolerance)} nats, 95% intervals) "
+    if h["first_off"] is None:
+        return head + f"at every rung, to batch {last.batch_schedule}, the top of its ladder."
+    text = head + (f"up to batch {last.batch_schedule}" if last is not base else "at no rung above the base")
+    parts = []
+    for c, v in h["verdicts"]:
+        if v.word == "holds":
+            continue
+        g = v.gap
+        gap = f" (gap {g.gap:+.3g} [{g.lo:+.3g}, {g.hi:+.3g}])" if g is not None else ""
+        parts.append(f"batch {c.batch_schedule} {v.text()}{gap}")
+    return text + "; " + "; ".join(parts) + "."
 
 
 def _single_seeds(rungs: list[Cell], candidate: str, baseline: str) -> list[str]:
@@ -281,33 +263,19 @@ def _single_seeds(rungs: list[Cell], candidate: str, baseline: str) -> list[str]
     return [f"{which}: a difference of this size may be seed noise; run more seeds before drawing a conclusion."]
 
 
-def _describe_hold(name: str, h: dict, tolerance: float) -> str:
-    base, last, off = h["base"], h["last"], h["first_off"]
-    if off is None:
-        return (f"{name} holds its base rung's eval loss (batch {base.batch_schedule}) within the noise band at "
-                f"every rung up to batch {last.batch_schedule}, the top of its ladder (band: max({fmt(tolerance)} "
-                "tolerance, 2 x the pooled seed std of the two cells)).")
-    where = f"up to batch {last.batch_schedule}" if last is not base else "at no rung above the base"
-    how = (f"band: the {fmt(tolerance)} tolerance, as neither cell has two seeds" if off["spread"] is None
-           else f"band: max({fmt(tolerance)} tolerance, 2 x the pooled seed std {fmt(off['spread'], 2)})")
-    return (f"{name} holds its base rung's eval loss (batch {base.batch_schedule}) within the noise band {where}; "
-            f"batch {off['cell'].batch_schedule} is worse than the base by {off['gap']:.3g}, more than its band "
-            f"{off['band']:.3g} ({how}).")
-
-
-def _gaps_against_spread(cells: list[Cell], candidate: str, baseline: str) -> list[str]:
+def _gaps_against_spread(cells: list[Cell], candidate: str, baseline: str, key: str = "eval_loss") -> list[str]:
     """Candidate against baseline at every shared batch: a gap is beyond the seed spread only when it is larger
     than both cells' sample standard deviations."""
     mine = {c.batch_schedule: c for c in ladder(cells, candidate)}
     theirs = {c.batch_schedule: c for c in ladder(cells, baseline)}
     shared = [b for b in mine if b in theirs]
-    if not shared or not any(mine[b].std("eval_loss") is not None or theirs[b].std("eval_loss") is not None
+    if not shared or not any(mine[b].std(key) is not None or theirs[b].std(key) is not None
                              for b in shared):
         return []  # single seeds only: the caveat above says so
     clauses = []
     for b in shared:
-        gap = theirs[b].mean("eval_loss") - mine[b].mean("eval_loss")  # > 0: the candidate is better
-        spreads = (mine[b].std("eval_loss"), theirs[b].std("eval_loss"))
+        gap = theirs[b].mean(key) - mine[b].mean(key)  # > 0: the candidate is better
+        spreads = (mine[b].std(key), theirs[b].std(key))
         if None in spreads:
             against = "a single seed on one side, so no spread to compare"
         else:
@@ -323,26 +291,42 @@ def _gaps_against_spread(cells: list[Cell], candidate: str, baseline: str) -> li
             + "; ".join(clauses) + "."]
 
 
-def _verdict(holds: dict, candidate: str, baseline: str) -> str:
-    """The question the ladder asks: does the candidate hold its loss further up than the baseline?"""
+def _untrained(cells: list[Cell], unigram: dict | None, key: str) -> dict[str, float]:
+    """{optimizer: its base rung's mean loss} for the optimizers whose base rung does not beat the unigram
+    baseline: they learned no more than token frequencies, so no verdict compares them."""
+    if unigram is None:
+        return {}
+    out = {}
+    for name in {c.optimizer for c in cells}:
+        rungs = ladder(cells, name)
+        if rungs and not P.beats_baseline(rungs[0].values(key), unigram["loss"], higher_is_better=False):
+            out[name] = rungs[0].mean(key)
+    return out
+
+
+def _verdict(holds: dict, candidate: str, baseline: str, untrained: dict | None = None) -> str:
+    """The question the ladder asks: does the candidate hold its loss further up than the baseline? Yes only
+    when its proven reach passes the baseline's possible one; no when the baseline provably holds as far as
+    the candidate possibly does; otherwise unresolved. Never a verdict on a row that did not train."""
     cand, base = holds[candidate], holds[baseline]
     if cand is None or base is None:
         missing = " and ".join(n for n, h in holds.items() if h is None)
         return (f"Verdict: cannot say whether {candidate} holds its loss further up the ladder than {baseline}: "
                 f"no two rungs for {missing}.")
-    c, b = cand["last"].batch, base["last"].batch
-    if c > b:
-        if base["last"] is base["top"]:
-            return (f"Verdict: cannot tell whether {candidate} holds its loss further up the ladder than {baseline}: "
-                    f"{candidate} holds up to batch {c}, but {baseline}'s ladder stops at batch {b}, where it "
-                    "still holds.")
-        return (f"Verdict: yes, {candidate} holds its loss further up the ladder than {baseline}: within its noise "
-                f"band up to batch {c}, {baseline} only up to batch {b}.")
-    if c == b:
-        return (f"Verdict: no, {candidate} does not hold its loss further up the ladder than {baseline}: both stay "
-                f"within their noise bands up to batch {c}.")
-    return (f"Verdict: no, {candidate} does not hold its loss further up the ladder than {baseline}; {baseline} "
-            f"holds further (up to batch {b}) than {candidate} (up to batch {c}).")
+    dropped = [n for n in (candidate, baseline) if n in (untrained or {})]
+    if dropped:
+        return (f"Verdict: none: {' and '.join(dropped)} did not beat the unigram baseline at the base rung, so "
+                "the ladder compares models that did not train.")
+    c_proven, c_possible = cand["last"].batch, cand["possible"].batch
+    b_proven, b_possible = base["last"].batch, base["possible"].batch
+    if c_proven > b_possible:
+        return (f"Verdict: yes, {candidate} holds its loss further up the ladder than {baseline}: it holds up to "
+                f"batch {c_proven}, where {baseline} has failed by batch {b_possible}'s next rung.")
+    if c_possible <= b_proven:
+        return (f"Verdict: no, {candidate} does not hold its loss further up the ladder than {baseline}: "
+                f"{baseline} holds up to batch {b_proven}, {candidate} at most up to {c_possible}.")
+    return (f"Verdict: unresolved: {candidate} holds up to batch {c_proven} (possibly {c_possible}), {baseline} up "
+            f"to {b_proven} (possibly {b_possible}); the unresolved rungs say how many seeds would settle it.")
 
 
 # --- steps and samples to a target loss (Shallue et al. 2018)
@@ -489,9 +473,9 @@ def _noise_scale(cells: list[Cell], names, holds: dict) -> list[str]:
                      "below the measured noise scale.")
         h = holds.get(name)
         if h is not None:
-            off = h["first_off"]["cell"] if h["first_off"] else None
+            off = h["first_off"][0] if h["first_off"] else None
             first_beyond = beyond[0] if beyond else None
-            text += (f" The first rung worse than the base by more than the seed band is "
+            text += (f" The first rung that does not hold the base's loss is "
                      f"{off.batch_schedule if off else 'none'}, the first beyond B_noise is "
                      f"{first_beyond.batch_schedule if first_beyond else 'none'}"
                      f"{_degradation_vs_noise(off, first_beyond)}.")
@@ -500,15 +484,15 @@ def _noise_scale(cells: list[Cell], names, holds: dict) -> list[str]:
 
 
 def _degradation_vs_noise(off: Cell | None, beyond: Cell | None) -> str:
-    """Whether the loss starts to degrade where the ladder crosses the noise scale (a fact, not a cause)."""
+    """Where the first rung not shown to hold sits against the noise scale (a fact, not a cause)."""
     if off is None:
-        return ": no rung degrades" + ("" if beyond is None else ", even beyond the noise scale")
+        return ": every rung holds" + ("" if beyond is None else ", even beyond the noise scale")
     if beyond is None:
-        return ": the loss degrades although no rung is beyond the noise scale"
+        return ": a rung stops being shown to hold although none is beyond the noise scale"
     if off is beyond:
-        return ": the degradation starts at the first rung beyond the noise scale"
-    return (": the degradation starts below the noise scale" if off.batch < beyond.batch
-            else ": the degradation starts only above the first rung beyond the noise scale")
+        return ": it is the first rung beyond the noise scale"
+    return (": it lies below the noise scale" if off.batch < beyond.batch
+            else ": it lies above the first rung beyond the noise scale")
 
 
 def _differing_keys(configs: list[dict]) -> list[str]:
@@ -538,8 +522,11 @@ def _configurations(cells: list[Cell], candidate: str, baseline: str) -> list[st
     return out
 
 
-def _head_to_head(cells: list[Cell], candidate: str) -> list[str]:
-    """Candidate against every other optimizer at the batch sizes both ran (the paper: LAMB beats LARS)."""
+def _head_to_head(cells: list[Cell], candidate: str, key: str = "eval_loss", untrained: dict | None = None
+                  ) -> list[str]:
+    """Candidate against every other optimizer at the batch sizes both ran (the paper: LAMB beats LARS), by the
+    interval of their difference (margin 0: which is lower, if the seeds can tell); an optimizer that did not
+    train is left out, with the reason."""
     candidate_cells = {c.batch_schedule: c for c in ladder(cells, candidate)}
     out = []
     for other in sorted({c.optimizer for c in cells} - {candidate}, key=optimizer_rank):
@@ -547,12 +534,20 @@ def _head_to_head(cells: list[Cell], candidate: str) -> list[str]:
         shared = [b for b in candidate_cells if b in theirs]
         if not shared:
             continue
-        wins = [b for b in shared if candidate_cells[b].mean("eval_loss") < theirs[b].mean("eval_loss")]
-        ties = [b for b in shared if candidate_cells[b].mean("eval_loss") == theirs[b].mean("eval_loss")]
-        top = shared[-1]
-        out.append(f"{candidate} has a lower eval loss than {other} at {len(wins)} of {len(shared)} shared batch "
-                   f"size(s) ({', '.join(shared)}){f', an equal one at {len(ties)}' if ties else ''}; at batch "
-                   f"{top}: {candidate_cells[top].fmt('eval_loss')} vs {theirs[top].fmt('eval_loss')}.")
+        if other in (untrained or {}):
+            out.append(f"{other} is left out of every comparison: its base rung's loss {untrained[other]:.4f} does not "
+                       "beat the unigram baseline, so it never trained (a wider lr x warmup search would be needed).")
+            continue
+        words = []
+        for b in shared:
+            g = P.gap_interval(candidate_cells[b].values(key), theirs[b].values(key), higher_is_better=False)
+            if g is None:
+                words.append(f"{b}: {candidate_cells[b].fmt(key)} vs {theirs[b].fmt(key)} (one seed each: no interval)")
+            else:
+                side = "lower" if g.hi < 0 else "higher" if g.lo > 0 else "not distinguishable"
+                words.append(f"{b}: {side} ({g.gap:+.3g} [{g.lo:+.3g}, {g.hi:+.3g}])")
+        out.append(f"{candidate} against {other}, {key.replace('_', ' ')} difference at each shared batch: "
+                   + "; ".join(words) + ".")
     return out
 
 

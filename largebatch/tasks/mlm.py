@@ -73,9 +73,14 @@ class MaskedLMTask(Task):
         return (micro_batch["labels"] != IGNORE_INDEX).sum()
 
     def evaluate(self, model, accelerator, plan) -> dict:
-        result = evaluate_samples(model, self.data(plan.seq_len).eval, self.cfg.eval_batch, accelerator,
-                                  self.cfg.eval_max_batches)
-        result["eval/tokens"] = result.pop("eval/count")
+        """eval/: the validation documents; test/: the test documents too where data.test_fraction holds some."""
+        data = self.data(plan.seq_len)
+        result = {}
+        for prefix, dataset in (("eval", data.eval), ("test", data.test)):
+            if dataset is not None:
+                out = evaluate_samples(model, dataset, self.cfg.eval_batch, accelerator, self.cfg.eval_max_batches)
+                result.update({f"{prefix}/loss": out["eval/loss"], f"{prefix}/accuracy": out["eval/accuracy"],
+                               f"{prefix}/tokens": out["eval/count"]})
         return result
 
     def save_model(self, model, folder: Path) -> None:
