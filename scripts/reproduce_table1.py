@@ -1,15 +1,21 @@
 """Reproduce LAMB's Table 1 (arXiv 1904.00962): `make reproduce-table1 SCALE=smoke|quick|small|gpu`.
 
-  1. base-lr sweep: each optimizer's base lr is chosen ONCE, by final eval loss at the base batch on a
-     quarter of the sample budget; a grid whose best value sits at an edge is widened past that edge
-     (half-decade steps) until the best is interior (the paper's "untuned" protocol: no tuning at the
-     other rungs). SCALE=quick reuses the committed sweep's choice instead of sweeping.
-  2. the batch ladder (LAMB and AdamW at every rung with every seed, LARS at base/middle/top) and the
-     mixed-batch row (two stages, re-warmup), all with the same samples in the same order;
-  3. downstream: every pretrained checkpoint fine-tuned with one fixed recipe on a bundled
-     classification task, and the same recipe once from a random init (the same for every rung);
-  4. lb-report: runs.csv, table.md (steps to target, noise bands, the measured gradient noise scale),
-     plots and provenance into the results folder.
+Every scale follows the protocol of docs/protocol.md (largebatch/protocol.py):
+
+  1. base-lr sweep: each optimizer's base lr is chosen ONCE, by final VALIDATION loss at the base batch on
+     a quarter of the sample budget (seed 0); a grid whose best value sits at an edge is widened past that
+     edge (half-decade steps) until the best is interior (the paper's "untuned" protocol). SCALE=quick
+     reuses the committed sweep's choice instead of sweeping.
+  2. the batch ladder: each optimizer's base rung on ``target_seeds`` fresh seeds (its target), every other
+     rung on ``seeds`` seeds (LAMB and AdamW at every rung, LARS at its rungs), and the mixed-batch row (two
+     stages, re-warmup), all with the same samples in the same order;
+  3. the tuned oracle (LAMB and AdamW) at the ``tuned`` rungs: a declared search around the sqrt rule's lr
+     (:func:`largebatch.protocol.tuning_trials`), selected on validation, the best re-run on the seeds;
+  4. downstream (where the scale fine-tunes): every pretrained checkpoint fine-tuned with one fixed recipe on
+     a bundled classification task, and the same recipe once from a random init; out of the headline, as
+     the probe sits at the majority class at this scale;
+  5. lb-report: runs.csv, table.md (the protocol's verdicts on the test loss, steps to result, the
+     McCandlish fit, B_simple by quarter), plots and provenance into the results folder.
 Runs go to a pool of ``--jobs`` worker processes (default: one per core, one torch thread each: on this
 2-core machine 1.35x the throughput of one run at a time with two threads, experiments/lamb_table1/
 README.md), longest first; each run prints the `lb-train` command that reproduces it alone. Runs live
@@ -41,6 +47,7 @@ sys.path.insert(0, str(REPO))
 # The generic machinery lives in largebatch/drivers.py (shared with scripts/reproduce_legw.py); its names stay
 # importable from here.
 from largebatch import downstream, drivers, report  # noqa: E402
+from largebatch import protocol as P  # noqa: E402
 from largebatch.config import compose  # noqa: E402
 from largebatch.drivers import (  # noqa: E402, F401
     CHECKPOINT_EVERY_EPOCHS,
@@ -58,14 +65,20 @@ from largebatch.drivers import (  # noqa: E402, F401
 )
 from largebatch.errors import ConfigError, LargebatchError, fail  # noqa: E402
 from largebatch.fileio import atomic_write_json  # noqa: E402
-from largebatch.report.runs import read_json  # noqa: E402
+from largebatch.report import ladder as L  # noqa: E402
+from largebatch.report.runs import read_json, read_metrics  # noqa: E402
 
 # The ladder's budget at seq 32 (experiment=lamb_table1): 1/3 epoch = 38,912 samples at every rung.
 SMALL_LADDER = [2, 4, 8, 16, 32, 64, 128]
 MIXED_SEQ = ["stages.0.seq_len=16", "stages.1.seq_len=32"]  # the ladder's length for the last stage, half before
+# Every run holds out 5% of the documents as a test split apart from the 5% of validation: verdicts read the
+# test loss, selection (the sweep, the tuned trials) and the evaluation curves the validation loss.
+PROTOCOL_TRAIN = ["data.test_fraction=0.05"]
+MARGIN_NATS = 0.05  # the equivalence margin of a verdict: a rung holds its base's loss within 0.05 nats
 SCALES = {
     "smoke": dict(  # seconds; a test runs it
-        ladder=[8, 32], seeds=1, lars=[8], sweep=None, results="outputs/lamb_table1_smoke/results", jobs=1,
+        ladder=[8, 32], seeds=1, target_seeds=2, tuned=[32], tuning="halton:3", lars=[8], sweep=None,
+        results="outputs/lamb_table1_smoke/results", jobs=1,
         train=["scale=tiny", "data.max_documents=200", "data.train_multiple_of=64", "data.seq_len=64", "epochs=0.25",
                "eval_every_epochs=0.125", "eval_max_batches=1", "scaling.ref_batch=8",
                "schedule.warmup_epochs=0.01"],
@@ -73,19 +86,25 @@ SCALES = {
                "stages.1.warmup_fraction=0.25"],
         lrs={"lamb": 2e-3, "adamw": 3e-4, "lars_paper": 2e-3},
         finetune=["--max-train", "64", "--max-eval", "64", "--threads", "0"]),
-    "quick": dict(  # ~20 minutes: the same pipeline on 4 rungs, one seed, half the samples, the committed lrs
-        ladder=[2, 8, 32, 128], seeds=1, lars=[2, 128], sweep=None, results="outputs/lamb_table1_quick/results",
-        # 19,456 samples a rung (152 steps at 128), eval every 1,024 samples (19 points, the same at every rung)
+    "quick": dict(  # < 20 minutes: the protocol on 3 rungs (8 -> 32), half the samples, the committed lrs
+        # 19,456 samples a rung (608 steps at 32: the top rung where the small ladder still beats the unigram),
+        # eval every 1,024 samples (19 points, the same at every rung); the lr and warmup scale by the sqrt rule
+        # from the committed sweep's batch 2. LARS (it never left the unigram at small) and the fine-tuning probe
+        # (at the majority class) are left out.
+        ladder=[8, 16, 32], seeds=1, target_seeds=2, tuned=[32], tuning="halton:4", lars=[], sweep=None,
+        results="outputs/lamb_table1_quick/results",
         train=["epochs=0.16666666667", "eval_every_epochs=0.0087719298", "schedule.warmup_epochs=0.00052083333"],
         mixed=[*MIXED_SEQ, "stages.1.warmup_fraction=0.128"], lrs="results/lamb_table1/lr_sweep.json",
-        finetune=["--threads", "1"]),  # the whole tweets task: at 2,000 examples every model learns the majority class
+        finetune=None),
     "small": dict(  # the committed results: 7 rungs x 2 optimizers x 2 seeds, LARS, mixed; ~1.5 h on 2 cores
-        ladder=SMALL_LADDER, seeds=2, lars=[2, 16, 128], results="results/lamb_table1", train=[],
+        ladder=SMALL_LADDER, seeds=2, target_seeds=3, tuned=[8, 32, 128], tuning="grid", lars=[2, 16, 128],
+        results="results/lamb_table1", train=[],
         sweep=dict(fraction=0.25, max_widen=4,
                    grid={"lamb": [1e-3, 3e-3, 1e-2], "adamw": [1e-4, 3e-4, 1e-3], "lars_paper": [1e-3, 3e-3, 1e-2]}),
         mixed=[*MIXED_SEQ, "stages.1.warmup_fraction=0.128"], lrs=None, finetune=["--threads", "1"]),
     "gpu": dict(  # one CUDA device, planned for under 10 minutes (never run yet: experiments/lamb_table1/README.md)
-        ladder=[32, 64, 128, 256, 512, 1024, 2048], seeds=1, lars=[32, 256, 2048], results="results/lamb_table1_gpu",
+        ladder=[32, 64, 128, 256, 512, 1024, 2048], seeds=1, target_seeds=3, tuned=[256, 2048], tuning="halton:5",
+        lars=[32, 256, 2048], results="results/lamb_table1_gpu",
         jobs=1, checkpoint_every=1.0,
         train=["model.size=mini", "data.seq_len=128", "data.train_multiple_of=2048", "scaling.ref_batch=32",
                "epochs=8", "schedule.warmup_epochs=0.025", "eval_every_epochs=0.6153846154", "micro_batch=2048",
@@ -113,7 +132,7 @@ def sweep_base_lrs(runner: Runner, scale: dict) -> tuple[dict, dict]:
     base = scale["ladder"][0]
 
     def run(todo: list[tuple[str, float]]) -> list[float]:
-        jobs = [Job([*scale["train"], f"optimizer={opt}", f"batch={base}", f"epochs={epochs}", "save_checkpoint=false",
+        jobs = [Job([*PROTOCOL_TRAIN, *scale["train"], f"optimizer={opt}", f"batch={base}", f"epochs={epochs}",
                      f"optimizer.lr={lr}"], runner.out / "lr_sweep" / opt / f"optimizer.lr={lr:g}") for opt, lr in todo]
         return [finite_or_inf((summary or {}).get("eval/loss")) for summary in runner.run_many(jobs)]
 
@@ -175,8 +194,7 @@ def _reproduce(args, scale: dict, out: Path, clock: Clock) -> Path:
     runs = out / "runs"
     jobs = args.jobs or scale.get("jobs") or os.cpu_count() or 1
     runner = Runner(out, jobs=jobs, checkpoint_every=scale.get("checkpoint_every", CHECKPOINT_EVERY_EPOCHS))
-    seeds = list(range(args.seeds if args.seeds is not None else scale["seeds"]))
-    log.info("%s: %d job(s) at a time, %d torch thread(s) each; seeds %s", args.scale, jobs, runner.threads, seeds)
+    log.info("%s: %d job(s) at a time, %d torch thread(s) each", args.scale, jobs, runner.threads)
 
     with runner, runner.stop_on_signals():  # a signal checkpoints the runs and stops; the pool closes
         # 1. base learning rates
@@ -187,19 +205,33 @@ def _reproduce(args, scale: dict, out: Path, clock: Clock) -> Path:
         else:
             lrs, sweep_record = dict(scale["lrs"]), {"note": f"fixed lrs at scale {args.scale} (no sweep)"}
 
-        # 2. the ladder, LARS and the mixed batch: one pool
-        ladder = []
-        for opt in ("lamb", "adamw"):
-            ladder += [Job([*scale["train"], f"optimizer={opt}", f"optimizer.lr={lrs[opt]}", f"batch={b}", f"seed={s}"],
-                           runs / opt / f"batch={b},seed={s}") for b in scale["ladder"] for s in seeds]
-        ladder += [Job([*scale["train"], "optimizer=lars_paper", f"optimizer.lr={lrs['lars_paper']}", f"batch={b}",
-                        "seed=0"], runs / "lars_paper" / f"batch={b},seed=0") for b in scale["lars"]]
-        ladder.append(Job([*scale["train"], f"optimizer.lr={lrs['lamb']}", *scale["mixed"], "seed=0"],
-                          runs / "lamb_mixed" / "seed=0", experiment="lamb_mixed_batch"))
+        # 2. the ladder, LARS and the mixed batch: one pool; each optimizer's base rung on the target's seeds
+        target = P.target_seeds(max(args.seeds or 0, scale["target_seeds"]))
+        cell = target[:args.seeds or scale["seeds"]]
+        common = [*PROTOCOL_TRAIN, *scale["train"]]
+
+        def rung(opt: str, b: int, base: int) -> list[Job]:
+            return [Job([*common, f"optimizer={opt}", f"optimizer.lr={lrs[opt]}", f"batch={b}", f"seed={s}"],
+                        runs / opt / f"batch={b},seed={s}") for s in (target if b == base else cell)]
+
+        ladder = [j for opt in ("lamb", "adamw") for b in scale["ladder"] for j in rung(opt, b, scale["ladder"][0])]
+        ladder += [j for b in scale["lars"] for j in rung("lars_paper", b, scale["lars"][0])]
+        ladder.append(Job([*common, f"optimizer.lr={lrs['lamb']}", *scale["mixed"], f"seed={cell[0]}"],
+                          runs / "lamb_mixed" / f"seed={cell[0]}", experiment="lamb_mixed_batch"))
         runner.run_many(ladder)
 
-    # 3. downstream (runs scored by an earlier, interrupted call keep their scores); diverged runs have no model
+        # 3. the tuned oracle: trials selected on validation, the best re-run on the cells' seeds
+        tuned, tuned_record = tune(runner, scale, lrs, common, out / "tuned", cell)
+
+    # 4. downstream (runs scored by an earlier, interrupted call keep their scores); diverged runs have no model
     run_dirs = [job.run_dir for job in ladder]
+    if scale["finetune"] is not None:
+        finetune(run_dirs, scale, runner, jobs)
+    return _report(args, scale, out, clock, runner, run_dirs, lrs, sweep_record, tuned, tuned_record, jobs)
+
+
+def finetune(run_dirs: list[Path], scale: dict, runner, jobs: int) -> None:
+    """Every pretrained checkpoint fine-tuned with one recipe, and the first once from a random init."""
     scored = [d for d in run_dirs if (d / "model").is_dir()]
     t0 = time.perf_counter()
     first = scored[0]
@@ -220,7 +252,11 @@ def _reproduce(args, scale: dict, out: Path, clock: Clock) -> Path:
     runner.steps.append({"command": "lb-finetune <every run> (+ --random-init on the first)",
                          "runs_scored": len(todo) + both_ways, "seconds": round(time.perf_counter() - t0, 1)})
 
-    # 4. records and report
+
+def _report(args, scale, out, clock, runner, run_dirs, lrs, sweep_record, tuned, tuned_record, jobs) -> Path:
+    """5. records and report: lb-report over the ladder's runs, the protocol's section over them and the tuned
+    rows (its notes), every run's small records beside them."""
+    runs = out / "runs"
     results = Path(args.out) if args.out else REPO / scale["results"]
     if results.exists():
         shutil.rmtree(results)
@@ -228,23 +264,106 @@ def _reproduce(args, scale: dict, out: Path, clock: Clock) -> Path:
     drivers.copy_run_records({d: d.relative_to(runs) for d in run_dirs}, results / "runs", (
         "status.json", "config.yaml", "env.json", "plan.json", "metrics.jsonl", "summary.json", "downstream.json",
         "downstream_random.json"))
+    drivers.copy_run_records({job.run_dir: job.run_dir.relative_to(out) for job in tuned.values()}, results)
     atomic_write_json(results / "lr_sweep.json", sweep_record)
     wall = clock.total_s()
     atomic_write_json(results / "reproduce.json", {
         "command": f"make reproduce-table1 SCALE={args.scale}" + (f" SEEDS={args.seeds}" if args.seeds else ""),
         "wall_time_s": round(wall, 1), "calls": clock.calls, "jobs": jobs, "threads_per_job": runner.threads,
-        "base_lrs": lrs, "run_folder": rel(out), "steps": runner.steps,
+        "base_lrs": lrs, "run_folder": rel(out), "steps": runner.steps, "protocol": "v2",
+        "target_seeds": P.target_seeds(max(args.seeds or 0, scale["target_seeds"])), "tuned": tuned_record,
         "skipped_runs": sum(step.get("action") == "skip" for step in runner.steps),
         "resumed_runs": sum(step.get("action") == "resume" for step in runner.steps),
         "diverged_runs": sum(run_action(d) == "diverged" for d in run_dirs),
     })
     # paths relative to where the driver runs (the repository, under make): the recorded command stays portable
+    first = run_dirs[0]
+    from largebatch.report.unigram import unigram_baseline_from_run
+
+    unigram = unigram_baseline_from_run(first)
+    section, record = protocol_section(results, run_dirs, runs, tuned, tuned_record, unigram, scale)
+    atomic_write_json(results / "protocol.json", record)
     report.main([os.path.relpath(results / "runs"), "--out", os.path.relpath(results), "--title",
                  f"LAMB Table 1 at reduced scale ({args.scale}): {wall / 60:.1f} minutes on this machine"
                  + (f" over {clock.calls} calls of the driver (it resumes)" if clock.calls > 1 else ""),
-                 "--unigram-from-config", os.path.relpath(first)])
+                 "--unigram-from-config", os.path.relpath(first), "--notes", "\n".join(section)])
     log.info("done in %.1f min: %s", wall / 60, results)
     return results
+
+
+def tune(runner, scale: dict, lrs: dict, common: list[str], root: Path, seeds: list[int]) -> tuple[dict, dict]:
+    """The tuned oracle of LAMB and AdamW at the scale's ``tuned`` rungs: the declared trials around the sqrt
+    rule's lr and warmup there (seed 0), the best by final validation loss re-run on ``seeds``. Returns
+    ({(optimizer, batch, seed or "trial,..."): Job}, the record)."""
+    if not scale["tuned"]:
+        return {}, {}
+    cfg = compose(["experiment=lamb_table1", *common])
+    ref_batch, ref_warmup = cfg.scaling.ref_batch, cfg.schedule.warmup_epochs
+    trials = {}
+    for opt in ("lamb", "adamw"):
+        for b in scale["tuned"]:
+            k = b / ref_batch  # the ladder's rule (lamb_table1: legw): lr x sqrt k, warmup epochs x k
+            for lr, w in P.tuning_trials(float(f"{lrs[opt] * k ** 0.5:.4g}"), ref_warmup * k, scale["tuning"]):
+                trials[opt, b, f"trial,lr={lr:g}"] = Job(
+                    [*common, f"optimizer={opt}", "scaling=none", f"optimizer.lr={lr:g}", f"schedule.warmup_epochs={w:g}",
+                     f"batch={b}", "seed=0"], root / opt / f"batch={b}" / f"trial,lr={lr:g}")
+    runner.run_many(list(trials.values()))
+    jobs, record = dict(trials), {}
+    for opt in ("lamb", "adamw"):
+        for b in scale["tuned"]:
+            scored = {key[2]: finite_or_inf(L.value_of(read_metrics(job.run_dir), "eval/loss"))
+                      for key, job in trials.items() if key[:2] == (opt, b) and run_action(job.run_dir) == "skip"}
+            if not scored:
+                continue
+            best = min(scored, key=scored.get)
+            chosen = trials[opt, b, best]
+            lrs_tried = sorted(float(k.split("=")[1]) for k in scored)
+            record.setdefault(opt, {})[str(b)] = {
+                "trials": len(scored), "search": scale["tuning"], "chosen": best.removeprefix("trial,"),
+                "lr_at_edge": float(best.split("=")[1]) in (lrs_tried[0], lrs_tried[-1]),
+                "validation_loss_by_trial": {k.removeprefix("trial,"): v for k, v in scored.items()}}
+            for s in seeds:
+                jobs[opt, b, s] = Job([o for o in chosen.overrides if not o.startswith("seed=")] + [f"seed={s}"],
+                                      root / opt / f"batch={b},seed={s}")
+    runner.run_many([job for key, job in jobs.items() if not str(key[2]).startswith("trial")])
+    return jobs, record
+
+
+def protocol_section(results: Path, run_dirs: list[Path], runs: Path, tuned: dict, tuned_record: dict,
+                     unigram: dict, scale: dict) -> tuple[list[str], dict]:
+    """The protocol's verdicts over the ladder (test loss, intervals, each optimizer against its own fresh-seed
+    base) and the tuned rows, for the top of table.md."""
+    entries = []
+    for d in run_dirs:
+        rel_dir = d.relative_to(runs)
+        opt = rel_dir.parts[0]
+        if opt == "lamb_mixed":
+            continue
+        batch, seed = (int(p.split("=")[1]) for p in rel_dir.parts[1].split(","))
+        entry = {"row": opt, "batch": batch, "seed": seed, "dir": results / "runs" / rel_dir,
+                 "record": f"runs/{rel_dir}", "target": batch == min(scale["lars"] if opt == "lars_paper" else
+                                                                     scale["ladder"])}
+        entries.append(entry)
+        if entry["target"] and opt in tuned_record:
+            entries.append({**entry, "row": f"{opt} (tuned)"})  # the tuned row's base rung is its optimizer's
+    for (opt, b, s), job in tuned.items():
+        folder = job.run_dir.relative_to(runs.parent)  # tuned/<optimizer>/batch=B[/trial,lr=X | ,seed=S]
+        trial = str(s).startswith("trial")
+        entries.append({"row": f"{opt} (tuned)", "batch": b, "seed": 0 if trial else s, "trial": trial,
+                        "dir": results / folder, "record": str(folder)})
+    floor = unigram.get("test", unigram)
+    spec = L.Spec("eval/loss", "test/loss", False, MARGIN_NATS, absolute=True, baseline=floor["loss"],
+                  baseline_name="unigram baseline on the test tokens")
+    tunings = {f"{opt} (tuned)": f"{next(iter(r.values()))['trials']} trials per rung, {scale['tuning']}, selected "
+               "on validation" for opt, r in tuned_record.items()}
+    lines, record = L.rows_section(entries, spec, tunings=tunings, fit_rows=tuple(tunings) or ("lamb",))
+    edges = [f"{opt} at {b}" for opt, r in tuned_record.items() for b, x in r.items() if x["lr_at_edge"]]
+    head = ["## The protocol's verdicts (docs/protocol.md)", "",
+            f"Test loss (held-out documents apart from the validation ones that select), margin {MARGIN_NATS} nats; "
+            "each optimizer's target is its base rung on fresh seeds."
+            + (f" The tuned best lr sits at the edge of its search for {', '.join(edges)}: a lower bound there."
+               if edges else ""), ""]
+    return head + lines, {"spec": vars(spec), "rows": record, "tuned": tuned_record}
 
 
 if __name__ == "__main__":

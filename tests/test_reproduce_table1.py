@@ -54,6 +54,27 @@ def test_smoke_table_end_to_end(driver, smoke):
         assert driver.run_action(run) == "skip"
 
 
+def test_smoke_table_has_every_element_of_the_protocol(driver, smoke):
+    """Validation selects and test reports; each base rung on fresh seeds; intervals and interval verdicts;
+    a tuned row with its budget; steps to result for three targets; the McCandlish fit; B_simple by quarter;
+    rows that do not beat the unigram dropped from the verdicts with the reason."""
+    results = smoke / "results"
+    rows = list(csv.DictReader(open(results / "runs.csv")))
+    assert {(r["optimizer"], r["batch"], r["seed"]) for r in rows if r["batch"] == "8"} >= {
+        ("lamb", "8", "1"), ("lamb", "8", "2")}  # the sweep's seed 0 never makes the target
+    table = (results / "table.md").read_text()
+    protocol = table.split("## The protocol's verdicts")[1].split("## Our runs")[0]
+    for needle in ("Test loss (held-out documents apart from the validation ones", "[", "(target)",
+                   "lamb (tuned) (3 trials per rung, halton:3, selected on validation)", "Steps to result",
+                   "McCandlish fit", "| batch | Q1 | Q2 | Q3 | Q4 |", "unigram baseline on the test tokens"):
+        assert needle in protocol, needle
+    record = json.loads((results / "protocol.json").read_text())
+    assert record["tuned"]["lamb"]["32"]["trials"] == 3 and record["spec"]["report_key"] == "test/loss"
+    assert (results / "tuned" / "lamb" / "batch=32,seed=1" / "metrics.jsonl").is_file()
+    summary = json.loads((results / "runs" / "lamb" / "batch=8,seed=1" / "summary.json").read_text())
+    assert "test/loss" in summary and "eval/loss" in summary
+
+
 def _lines(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -64,7 +85,7 @@ def test_run_again_skips_finished_runs_and_resumes_the_killed_one(driver, smoke)
     from largebatch.checkpoint import checkpoint_dirs
 
     work, results = smoke / "work", smoke / "results"
-    killed = work / "runs" / "lamb" / "batch=8,seed=0"
+    killed = work / "runs" / "lamb" / "batch=8,seed=1"
     full = _lines(killed)
     summary = json.loads((killed / "summary.json").read_text())
     checkpoints = checkpoint_dirs(killed)
@@ -85,9 +106,10 @@ def test_run_again_skips_finished_runs_and_resumes_the_killed_one(driver, smoke)
     driver.main(["--scale", "smoke", "--out", str(results), "--work", str(work)])
 
     record = json.loads((results / "reproduce.json").read_text())
-    assert record["calls"] == 2 and record["resumed_runs"] == 1 and record["skipped_runs"] == len(others)
+    tuned = len(list((work / "tuned").glob("*/batch=*/trial,*"))) + len(list((work / "tuned").glob("*/batch=*,seed=*")))
+    assert record["calls"] == 2 and record["resumed_runs"] == 1 and record["skipped_runs"] == len(others) + tuned
     resumed = next(s for s in record["steps"] if s.get("action") == "resume")
-    assert resumed["run_dir"].endswith("lamb/batch=8,seed=0") and "resume=auto" in resumed["command"]
+    assert resumed["run_dir"].endswith("lamb/batch=8,seed=1") and "resume=auto" in resumed["command"]
     lines = _lines(killed)
     assert lines[0].get("marker") is True  # continued from its checkpoint, not started over
     assert [m["step"] for m in lines] == [m["step"] for m in full]

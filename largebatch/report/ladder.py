@@ -38,6 +38,7 @@ class Run:
     wall_time_s: float | None = None
     note: str = ""
     trial: bool = False  # a tuning trial (selection only), not a seed of a chosen config
+    target: bool = False  # one of its row's target runs (the base config on fresh seeds)
     b_simple: list = field(default_factory=list)  # by quarter of the run
 
 
@@ -68,6 +69,7 @@ def load(entries: list[dict], select_key: str, report_key: str) -> list[Run]:
                         record=str(e.get("record") or e["dir"]), select=select, report=report or select,
                         peak_lr=plan.get("lr"), warmup_epochs=plan.get("warmup_epochs"), steps=info["steps"],
                         wall_time_s=info["wall_time_s"], note=info["note"], trial=bool(e.get("trial")),
+                        target=bool(e.get("target")),
                         b_simple=P.noise_scale_by_part([m for m in metrics if "loss" in m])))
     return runs
 
@@ -79,12 +81,22 @@ class Spec:
     select_key: str  # e.g. "eval/accuracy" (validation)
     report_key: str  # e.g. "test/accuracy"
     higher_is_better: bool
-    margin: float  # relative to the target's mean: the equivalence margin of a verdict
+    margin: float  # the equivalence margin of a verdict: relative to the target's mean (or absolute, below)
     last: int = 1  # evaluations averaged at the end of a budget (3 for classification)
     budgets: tuple = (None,)  # epoch budgets read from the same runs; None: each run's end
     baseline: float | None = None  # the trivial baseline (unigram, majority class) in the reported metric
     baseline_name: str = "trivial baseline"
     step_targets: tuple = (2, 1, 0)  # steps-to-result targets: the validation target loosened by k margins
+    absolute: bool = False  # the margin in the metric's units (nats), not relative
+
+    def margin_at(self, target: float) -> float:
+        return self.margin if self.absolute else self.margin * abs(target)
+
+
+def value_of(metrics: list[dict], key: str, last: int = 1) -> float | None:
+    """A run's final ``key`` from its metrics lines (the mean of its last ``last`` evaluations)."""
+    return P.final_value([{"value": m[key]} for m in metrics if isinstance(m.get(key), (int, float)) and "loss" not in m],
+                         last)
 
 
 def value(run: Run, curve: str, budget: float | None, last: int) -> float | None:
@@ -122,8 +134,8 @@ def assess(runs: list[Run], spec: Spec, budget: float | None, targets: dict[str,
         for batch in sorted({r.batch for r in seeds if r.row == row}):
             rung = [r for r in seeds if r.row == row and r.batch == batch]
             v = values(rung, "report", budget, spec.last)
-            is_target = rung == target_runs
-            verdict = None if is_target or mean is None else P.verdict(v, target, spec.margin * abs(mean),
+            is_target = sorted(r.record for r in rung) == sorted(r.record for r in target_runs)
+            verdict = None if is_target or mean is None else P.verdict(v, target, spec.margin_at(mean),
                                                                          spec.higher_is_better)
             below = spec.baseline is not None and bool(v) and not P.beats_baseline(v, spec.baseline,
                                                                                    spec.higher_is_better)
@@ -137,6 +149,18 @@ def reach_of(assessed: dict, row: str, base_batch: int) -> tuple[int, int]:
     return P.reach(verdicts, base_batch)
 
 
+def reach_text(name: str, proven: int, possible: int, base: int, top: int) -> str:
+    """A row's reach in words: how far it holds, where it is unresolved, where it fails."""
+    k = lambda b: f"{b / base:g}x"  # noqa: E731
+    if proven == top:
+        return f"**{name}** holds at every rung, to batch {top} ({k(top)})"
+    if proven == possible:
+        return (f"**{name}** fails at the first rung above the base" if proven == base else
+                f"**{name}** holds to batch {proven} ({k(proven)}) and fails above it")
+    text = f"**{name}** holds to batch {proven} ({k(proven)})" if proven > base else f"**{name}** holds at no rung above the base"
+    return text + (f"; unresolved up to {possible} ({k(possible)})" + ("" if possible == top else ", fails above"))
+
+
 # ---------------------------------------------------------------------- steps to result and the fit
 
 
@@ -148,7 +172,7 @@ def step_targets(spec: Spec, target_runs: list[Run]) -> list[float]:
         return []
     mean = statistics.fmean(v)
     sign = -1.0 if spec.higher_is_better else 1.0
-    return [mean + sign * k * spec.margin * abs(mean) for k in spec.step_targets]
+    return [mean + sign * k * spec.margin_at(mean) for k in spec.step_targets]
 
 
 def steps_table(runs: list[Run], spec: Spec, targets: list[float]) -> dict[tuple[str, int], list[float | None]]:
@@ -249,3 +273,55 @@ def noise_section(noise: dict[int, list], fits: dict[str, P.CriticalBatchFit | N
                      + (f.text() if f else "no fit (fewer than two rungs reached the target, or no curve of that "
                         "shape: more steps at the larger batches)") + ".")
     return [*lines, ""]
+
+
+def rows_section(entries: list[dict], spec: Spec, *, names: dict[str, str] | None = None,
+                 tunings: dict[str, str] | None = None, fit_rows: tuple[str, ...] = ()) -> tuple[list[str], dict]:
+    """The protocol's section for a ladder whose rows each have their own target (LAMB's Table 1: a row per
+    optimizer, its base rung on fresh seeds the target; a tuned row lists its optimizer's target runs again).
+    Entries as :func:`load` takes them, the target runs marked ``"target": True``. A row whose target does not
+    beat ``spec.baseline`` is dropped from the verdicts, with the reason. Returns (markdown lines, record)."""
+    names = names or {}
+    runs = load(entries, spec.select_key, spec.report_key)
+    rows = list(dict.fromkeys(r.row for r in runs))
+    targets = {row: [r for r in runs if r.row == row and r.target] for row in rows}
+    base_of = {row: min((r.batch for r in t), default=None) for row, t in targets.items()}
+    by_budget = [assess(runs, spec, b, targets) for b in spec.budgets]
+    main = by_budget[-1]
+    lines, record, kept = [], {}, []
+    for row in rows:
+        name, base = names.get(row, row), base_of[row]
+        target = main["targets"].get(row) or []
+        top = max(r.batch for r in runs if r.row == row)
+        if base is None or not target:
+            lines.append(f"**{name}**: no finished target run, no verdict.")
+            continue
+        if spec.baseline is not None and not P.beats_baseline(target, spec.baseline, spec.higher_is_better):
+            lines.append(f"**{name}** is dropped from the verdicts: its base rung ({spec.report_key} "
+                         f"{P.t_interval(target).text()}) does not beat the {spec.baseline_name} ({spec.baseline:.4g}), "
+                         "so it never trained and any comparison with it is vacuous.")
+            record[row] = {"dropped": "does not beat the baseline"}
+            continue
+        kept.append(row)
+        proven, possible = reach_of(main, row, base)
+        record[row] = {"holds_to": proven, "not_failed_to": possible, "target": P.t_interval(target).mean}
+        lines.append(reach_text(name + (f" ({tunings[row]})" if tunings and row in tunings else ""), proven,
+                                possible, base, top) + f"; target {P.t_interval(target).text()} at batch {base}.")
+    out = [*(f"- {line}" for line in lines), "",
+           f"Cells: {spec.report_key}, mean [95% t interval]; ✓ holds, ✗ fails, ? unresolved (with the seeds per cell "
+           f"that would resolve it), by the interval of the gap to the row's own target against the margin "
+           f"({spec.margin:g}{'' if spec.absolute else ' relative'}).", ""]
+    shown = [r for r in rows if base_of[r] is not None]
+    labels = {r: names.get(r, r) + (f" ({tunings[r]})" if tunings and r in tunings else "")
+              + ("" if r in kept else " (dropped: no verdict)") for r in shown}
+    for assessed in by_budget:
+        out += cells_section(assessed, shown, labels, spec.report_key, min(base_of[r] for r in shown) if shown else 1)
+    fits = {}
+    for row in [r for r in fit_rows if r in shown]:
+        st = step_targets(spec, targets[row])
+        steps = steps_table([r for r in runs if r.row == row], spec, st)
+        out += steps_section(steps, st, [row], labels, spec.select_key, None)
+        fits[labels[row]] = fit(steps, row, len(st) - 1) if st else None
+    out += noise_section(noise_by_batch([r for r in runs if not r.trial]), fits)
+    record["critical_batch_fit"] = {k: vars(f) if f else None for k, f in fits.items()}
+    return out, record

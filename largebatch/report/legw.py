@@ -34,18 +34,6 @@ def _rows(runs: list[L.Run]) -> list[str]:
     return [r for r in RULE_ORDER if any(x.row == r for x in runs)]
 
 
-def _reach_text(rule: str, proven: int, possible: int, base: int, top: int) -> str:
-    name = RULE_NAMES.get(rule, rule)
-    k = lambda b: f"{b / base:g}x"  # noqa: E731
-    if proven == top:
-        return f"**{name}** holds at every rung, to batch {top} ({k(top)})"
-    if proven == possible:
-        return (f"**{name}** fails at the first rung above the base" if proven == base else
-                f"**{name}** holds to batch {proven} ({k(proven)}) and fails above it")
-    text = f"**{name}** holds to batch {proven} ({k(proven)})" if proven > base else f"**{name}** holds at no rung above the base"
-    return text + (f"; unresolved up to {possible} ({k(possible)})" + ("" if possible == top else ", fails above"))
-
-
 def statements(runs, spec: L.Spec, assessed: dict, base: int, top_of: dict[str, int], warmup_epochs,
                tuning: str | None, metric: str, fresh_target: bool = True) -> list[str]:
     """The headline first: each rule's reach by the interval verdicts, then the target and the caveats."""
@@ -57,10 +45,10 @@ def statements(runs, spec: L.Spec, assessed: dict, base: int, top_of: dict[str, 
     reach = {}
     for rule in [r for r in _rows(runs) if r != "base"]:
         reach[rule] = L.reach_of(assessed, rule, base)
-        out.append(_reach_text(rule, *reach[rule], base, top_of[rule]) + ".")
+        out.append(L.reach_text(RULE_NAMES.get(rule, rule), *reach[rule], base, top_of[rule]) + ".")
     out.append(f"Target: {metric} {ci.text()} (95% t interval) at the base batch {base}, from {ci.n} seed(s)"
                + (" the sweep never ran" if fresh_target else ", one of them the sweep's winning run")
-               + f"; margin {spec.margin:.1%} of it ({spec.margin * abs(ci.mean):.3g}). A rung holds when "
+               + f"; margin {spec.margin:.1%} of it ({spec.margin_at(ci.mean):.3g}). A rung holds when "
                "the whole interval of its gap to the target lies within the margin (better counts), fails when it "
                "lies wholly beyond, else it is unresolved.")
     if spec.baseline is not None:
@@ -145,7 +133,7 @@ def plot_metric_vs_batch(assessed: dict, rows: list[str], base: int, spec: L.Spe
                     label=RULE_NAMES.get(rule, rule))
     if target_cell is not None and target_cell.interval is not None:
         t = target_cell.interval.mean
-        m = spec.margin * abs(t)
+        m = spec.margin_at(t)
         ax.axhline(t, color="k", lw=0.8, ls="--", label="target (base batch)")
         ax.axhspan(t - m, t + m, color="k", alpha=0.08, label="margin")
     if spec.baseline is not None:

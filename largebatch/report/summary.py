@@ -296,10 +296,11 @@ def _untrained(cells: list[Cell], unigram: dict | None, key: str) -> dict[str, f
     baseline: they learned no more than token frequencies, so no verdict compares them."""
     if unigram is None:
         return {}
+    floor = unigram["test"]["loss"] if key == "test_loss" and "test" in unigram else unigram["loss"]
     out = {}
     for name in {c.optimizer for c in cells}:
         rungs = ladder(cells, name)
-        if rungs and not P.beats_baseline(rungs[0].values(key), unigram["loss"], higher_is_better=False):
+        if rungs and not P.beats_baseline(rungs[0].values(key), floor, higher_is_better=False):
             out[name] = rungs[0].mean(key)
     return out
 

@@ -51,11 +51,13 @@ def unigram_baseline(train_labels_or_token_ids, eval_targets, *, vocab_size: int
             "eval_tokens": int(targets.numel()), "train_tokens": int(counts.sum()), "vocab": support}
 
 
-def unigram_baseline_from_data(data, max_eval_samples: int | None = None) -> dict:
-    """From a :class:`largebatch.data.MLMData`: its training sequences and its fixed eval masks, limited
-    to the first ``max_eval_samples`` eval sequences when the runs scored only those (eval_max_batches)."""
-    count = len(data.eval) if max_eval_samples is None else min(len(data.eval), max_eval_samples)
-    labels = torch.cat([data.eval[i]["labels"].reshape(-1) for i in range(count)])
+def unigram_baseline_from_data(data, max_eval_samples: int | None = None, split: str = "eval") -> dict:
+    """From a :class:`largebatch.data.MLMData`: its training sequences and the fixed masks of its ``split``
+    ("eval": validation, or "test"), limited to the first ``max_eval_samples`` sequences when the runs scored
+    only those (eval_max_batches)."""
+    held = getattr(data, split)
+    count = len(held) if max_eval_samples is None else min(len(held), max_eval_samples)
+    labels = torch.cat([held[i]["labels"].reshape(-1) for i in range(count)])
     targets = labels[labels != IGNORE_INDEX]
     return unigram_baseline(data.train.sequences, targets, vocab_size=len(data.tokenizer),
                             exclude_ids=data.tokenizer.all_special_ids)
@@ -80,6 +82,8 @@ def unigram_baseline_from_run(run_dir: Path) -> dict:
     seq_len = plan[-1]["seq_len"] if plan else cfg.data.seq_len
     data = build_mlm_data(cfg.data, cfg.model.vocab_size, seq_len, cfg.seed)
     result = unigram_baseline_from_data(data, eval_limit(cfg))
+    if data.test is not None:  # the test split's own floor: verdicts that read test compare with it
+        result["test"] = unigram_baseline_from_data(data, eval_limit(cfg), "test")
     run_tokens = (read_json(run_dir / "summary.json") or {}).get("eval/tokens")
     return {**result, "seq_len": seq_len, "source": str(run_dir), "run_eval_tokens": run_tokens,
             "matches_run_eval_tokens": None if run_tokens is None else run_tokens == result["eval_tokens"]}
