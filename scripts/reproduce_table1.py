@@ -356,7 +356,8 @@ def protocol_section(results: Path, run_dirs: list[Path], runs: Path, tuned: dic
                   baseline_name="unigram baseline on the test tokens")
     tunings = {f"{opt} (tuned)": f"{next(iter(r.values()))['trials']} trials per rung, {scale['tuning']}, selected "
                "on validation" for opt, r in tuned_record.items()}
-    lines, record = L.rows_section(entries, spec, tunings=tunings, fit_rows=tuple(tunings) or ("lamb",))
+    lines, record = L.rows_section(entries, spec, tunings=tunings, fit_rows=tuple(tunings) or ("lamb",),
+                                   plot=results / "protocol_steps.png")
     edges = [f"{opt} at {b}" for opt, r in tuned_record.items() for b, x in r.items() if x["lr_at_edge"]]
     head = ["## The protocol's verdicts (docs/protocol.md)", "",
             f"Test loss (held-out documents apart from the validation ones that select), margin {MARGIN_NATS} nats; "

@@ -19,7 +19,10 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from largebatch import protocol as P
+from largebatch.report.plots import save_figure
 from largebatch.report.runs import load_run, read_json, read_metrics
 
 
@@ -192,6 +195,36 @@ def fit(steps: dict, row: str, index: int, base: tuple[str, int] | None = None) 
     return P.fit_critical_batch(list(pts), list(pts.values()))
 
 
+def plot_steps(curves: dict[str, dict[int, float]], fits: dict[str, P.CriticalBatchFit | None],
+               noise: dict[int, list], path: Path, base: int | None = None) -> Path:
+    """Steps to the strictest target against the batch, a line per row, with perfect scaling from the base,
+    each McCandlish fit and the measured B_simple of the last quarter of training (the median over rungs)."""
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    batches = sorted({b for c in curves.values() for b in c} | set(noise))
+    for i, (name, c) in enumerate(curves.items()):
+        pts = sorted(c.items())
+        if pts:
+            ax.plot([b for b, _ in pts], [s for _, s in pts], marker="os^v*D"[i % 6], label=name)
+    first = next((c[base] for c in curves.values() if base in c), None)
+    if first and batches:
+        ax.plot(batches, [first * base / b for b in batches], "k--", lw=0.8, label="perfect scaling")
+    for name, f in fits.items():
+        if f is not None and batches:
+            ax.plot(batches, [f.steps(b) for b in batches], color="grey", lw=1.5, alpha=0.6,
+                    label=f"fit ({name}): B_crit {f.b_crit:.3g}")
+    late = P.finite(q[-1] for q in noise.values() if q)
+    if late:
+        ax.axvline(statistics.median(late), color="tab:red", lw=0.8, ls=":", label="B_simple, last quarter")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("steps to the strictest target")
+    ax.legend(fontsize=7)
+    ax.set_title("steps to result (validation)")
+    return save_figure(fig, Path(path), 120)
+
+
 def noise_by_batch(runs: list[Run]) -> dict[int, list[float | None]]:
     """Per batch, the median over its runs of B_simple in each quarter of training."""
     out = {}
@@ -276,7 +309,8 @@ def noise_section(noise: dict[int, list], fits: dict[str, P.CriticalBatchFit | N
 
 
 def rows_section(entries: list[dict], spec: Spec, *, names: dict[str, str] | None = None,
-                 tunings: dict[str, str] | None = None, fit_rows: tuple[str, ...] = ()) -> tuple[list[str], dict]:
+                 tunings: dict[str, str] | None = None, fit_rows: tuple[str, ...] = (),
+                 plot: Path | None = None) -> tuple[list[str], dict]:
     """The protocol's section for a ladder whose rows each have their own target (LAMB's Table 1: a row per
     optimizer, its base rung on fresh seeds the target; a tuned row lists its optimizer's target runs again).
     Entries as :func:`load` takes them, the target runs marked ``"target": True``. A row whose target does not
@@ -316,12 +350,17 @@ def rows_section(entries: list[dict], spec: Spec, *, names: dict[str, str] | Non
               + ("" if r in kept else " (dropped: no verdict)") for r in shown}
     for assessed in by_budget:
         out += cells_section(assessed, shown, labels, spec.report_key, min(base_of[r] for r in shown) if shown else 1)
-    fits = {}
+    fits, curves = {}, {}
     for row in [r for r in fit_rows if r in shown]:
         st = step_targets(spec, targets[row])
         steps = steps_table([r for r in runs if r.row == row], spec, st)
         out += steps_section(steps, st, [row], labels, spec.select_key, None)
         fits[labels[row]] = fit(steps, row, len(st) - 1) if st else None
-    out += noise_section(noise_by_batch([r for r in runs if not r.trial]), fits)
+        curves[labels[row]] = {b: s[-1] for (_, b), s in steps.items() if s and s[-1]}
+    noise = noise_by_batch([r for r in runs if not r.trial])
+    out += noise_section(noise, fits)
+    if plot is not None:
+        plot_steps(curves, fits, noise, plot, base=min(base_of[r] for r in shown) if shown else None)
+        out += [f"![steps to result]({Path(plot).name})", ""]
     record["critical_batch_fit"] = {k: vars(f) if f else None for k, f in fits.items()}
     return out, record

@@ -146,35 +146,6 @@ def plot_metric_vs_batch(assessed: dict, rows: list[str], base: int, spec: L.Spe
     return save_figure(fig, path, 120)
 
 
-def plot_steps_to_target(steps: dict, rows: list[str], base: int, fits: dict, noise: dict, path: Path) -> Path:
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    batches = sorted({b for _, b in steps})
-    base_steps = (steps.get(("base", base)) or [None])[-1]
-    if base_steps:
-        ax.plot(batches, [base_steps * base / b for b in batches], "k--", lw=0.8, label="perfect scaling")
-    for rule in rows:
-        pts = [(b, s[-1]) for (r, b), s in sorted(steps.items(), key=lambda kv: kv[0][1])
-               if (r == rule or (r == "base" and b == base)) and s and s[-1]]
-        if len(pts) > 1:
-            line, marker = RULE_STYLE.get(rule, ("-", "o"))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls=line, marker=marker, label=RULE_NAMES.get(rule, rule))
-    for name, f in fits.items():
-        if f is not None:
-            ax.plot(batches, [f.steps(b) for b in batches], color="grey", lw=1.5, alpha=0.6,
-                    label=f"fit ({name}): B_crit {f.b_crit:.3g}")
-    late = P.finite(q[-1] for q in noise.values() if q)
-    if late:
-        ax.axvline(sorted(late)[len(late) // 2], color="tab:red", lw=0.8, ls=":", label="B_simple, last quarter")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("steps to the strictest target")
-    ax.legend(fontsize=7)
-    ax.set_title("steps to result (validation)")
-    return save_figure(fig, path, 120)
-
-
 def write_legw_report(entries: list[dict], out_dir: Path, *, task: str, spec: L.Spec, title: str = "LEGW at reduced scale",
                       claim: str = "", provenance: dict | None = None, tuning: str | None = None,
                       protocol_notes: list[str] = (), fresh_target: bool = True) -> dict:
@@ -201,9 +172,11 @@ def write_legw_report(entries: list[dict], out_dir: Path, *, task: str, spec: L.
     files["table.md"] = out_dir / "table.md"
     atomic_write_text(files["table.md"], text)
     files["metric_vs_batch.png"] = plot_metric_vs_batch(main, rows, base, spec, out_dir / "metric_vs_batch.png")
-    files["steps_to_target.png"] = plot_steps_to_target(steps, rows, base, fits,
-                                                        L.noise_by_batch([r for r in runs if not r.trial]),
-                                                        out_dir / "steps_to_target.png")
+    curves = {RULE_NAMES.get(rule, rule): {b: s[-1] for (r, b), s in steps.items()
+                                           if (r == rule or (r, b) == ("base", base)) and s and s[-1]}
+              for rule in rows}
+    files["steps_to_target.png"] = L.plot_steps(curves, fits, L.noise_by_batch([r for r in runs if not r.trial]),
+                                                out_dir / "steps_to_target.png", base=base)
     reach = {rule: L.reach_of(main, rule, base) for rule in rows}
     atomic_write_json(out_dir / "provenance.json", {
         **(provenance or {}), "task": task, "select_metric": spec.select_key, "report_metric": spec.report_key,
