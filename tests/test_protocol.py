@@ -130,3 +130,24 @@ def test_a_row_that_did_not_train_is_caught():
     assert not P.beats_baseline([7.22, 7.15], 7.21, higher_is_better=False)
     assert P.beats_baseline([6.8, 6.9], 7.21, higher_is_better=False)
     assert not P.beats_baseline([0.7085], 0.7085, higher_is_better=True)  # the majority class is not a win
+
+
+def test_the_budget_probe_finds_the_plateau_and_the_loss_minimum(tmp_path):
+    import json
+
+    from conftest import load_script
+
+    probe = load_script("scripts/budget_probe.py")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "plan.json").write_text(json.dumps([{"batch": 128, "epochs": 10, "steps_per_epoch": 10}]))
+    accuracy = [0.5, 0.7, 0.8, 0.85, 0.88, 0.89, 0.89, 0.9, 0.9, 0.9]
+    loss = [1.0, 0.8, 0.6, 0.5, 0.45, 0.4, 0.42, 0.45, 0.5, 0.55]
+    lines = [{"step": 10 * (e + 1), "samples": 1280 * (e + 1), "eval/accuracy": a, "eval/loss": x,
+              "test/accuracy": a - 0.01} for e, (a, x) in enumerate(zip(accuracy, loss))]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    found = probe.probe(run, "eval/accuracy", "test/accuracy", margin=0.01)
+    # last-3 means: 0.8867 at epoch 7, 0.8933 at 8, 0.9 at 9 and 10: within 1% of 0.9 (>= 0.891) from epoch 8
+    assert found["plateau"] == 8 and found["lowest_loss_epoch"] == 6
+    out = probe.main([str(run), "--out", str(tmp_path / "out")])
+    assert "from epoch **8** on" in (out / "table.md").read_text() and (out / "run" / "metrics.jsonl").is_file()

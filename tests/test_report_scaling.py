@@ -203,7 +203,7 @@ def test_noise_scale_and_the_rungs_beyond_it(tmp_path):
     assert ("Measured critical batch (lamb): the gradient noise scale B_simple, averaged over the last half of each "
             "run, is ~45 samples: the median of the 8 run(s) of its ladder where it is measurable (range 40 to 50; "
             "B_simple grows as the loss falls, so this is the workload's scale near the end of these runs). Rungs "
-            "64, 128 lie beyond the measured noise scale (~45 samples). The first rung that does not hold the base's "
+            "64, 128 lie beyond the measured noise scale (~45 samples). The first rung not shown to hold the base's "
             "loss is 64, the first beyond B_noise is 64: it is the first rung beyond the noise scale.") in text
     assert "Measured critical batch (adamw)" in text
 

@@ -194,10 +194,11 @@ def findings(rows: list[dict], *, unigram: dict | None = None, candidate: str = 
     out += _steps_to_target(cells, (candidate, baseline), target, scaling_factor)
     out += _noise_scale(cells, (candidate, baseline), holds)
     untrained = _untrained(cells, unigram, key)
+    barely = _barely_trained(cells, unigram, key, tolerance)
     out.append(_verdict(holds, candidate, baseline, untrained))  # the ladder's question, answered after its evidence
 
     out += _configurations(cells, candidate, baseline)
-    out += _head_to_head(cells, candidate, key, untrained)
+    out += _head_to_head(cells, candidate, key, untrained, barely)
     out += _mixed_batch(cells)
     out += _downstream(cells, done, candidate)
     out += _throughput(cells, candidate)
@@ -302,6 +303,20 @@ def _untrained(cells: list[Cell], unigram: dict | None, key: str) -> dict[str, f
         rungs = ladder(cells, name)
         if rungs and not P.beats_baseline(rungs[0].values(key), floor, higher_is_better=False):
             out[name] = rungs[0].mean(key)
+    return out
+
+
+def _barely_trained(cells: list[Cell], unigram: dict | None, key: str, tolerance: float) -> dict[str, float]:
+    """{optimizer: how far its base rung is below the unigram} where that is under two margins: a model
+    that learned little more than token frequencies, whose comparisons say little."""
+    if unigram is None:
+        return {}
+    floor = unigram["test"]["loss"] if key == "test_loss" and "test" in unigram else unigram["loss"]
+    out = {}
+    for name in {c.optimizer for c in cells}:
+        rungs = ladder(cells, name)
+        if rungs and rungs[0].mean(key) is not None and 0 < floor - rungs[0].mean(key) < 2 * tolerance:
+            out[name] = floor - rungs[0].mean(key)
     return out
 
 
@@ -476,7 +491,7 @@ def _noise_scale(cells: list[Cell], names, holds: dict) -> list[str]:
         if h is not None:
             off = h["first_off"][0] if h["first_off"] else None
             first_beyond = beyond[0] if beyond else None
-            text += (f" The first rung that does not hold the base's loss is "
+            text += (f" The first rung not shown to hold the base's loss is "
                      f"{off.batch_schedule if off else 'none'}, the first beyond B_noise is "
                      f"{first_beyond.batch_schedule if first_beyond else 'none'}"
                      f"{_degradation_vs_noise(off, first_beyond)}.")
@@ -523,8 +538,8 @@ def _configurations(cells: list[Cell], candidate: str, baseline: str) -> list[st
     return out
 
 
-def _head_to_head(cells: list[Cell], candidate: str, key: str = "eval_loss", untrained: dict | None = None
-                  ) -> list[str]:
+def _head_to_head(cells: list[Cell], candidate: str, key: str = "eval_loss", untrained: dict | None = None,
+                  barely: dict | None = None) -> list[str]:
     """Candidate against every other optimizer at the batch sizes both ran (the paper: LAMB beats LARS), by the
     interval of their difference (margin 0: which is lower, if the seeds can tell); an optimizer that did not
     train is left out, with the reason."""
@@ -547,8 +562,10 @@ def _head_to_head(cells: list[Cell], candidate: str, key: str = "eval_loss", unt
             else:
                 side = "lower" if g.hi < 0 else "higher" if g.lo > 0 else "not distinguishable"
                 words.append(f"{b}: {side} ({g.gap:+.3g} [{g.lo:+.3g}, {g.hi:+.3g}])")
+        caveat = (f" {other}'s base rung is only {barely[other]:.3g} nats below the unigram baseline: it barely "
+                  "trained, so a lower loss than it says little about the optimizers." if other in (barely or {}) else "")
         out.append(f"{candidate} against {other}, {key.replace('_', ' ')} difference at each shared batch: "
-                   + "; ".join(words) + ".")
+                   + "; ".join(words) + "." + caveat)
     return out
 
 
