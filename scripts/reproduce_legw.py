@@ -469,6 +469,8 @@ def main(argv=None) -> list[Path]:
     parser.add_argument("--out", help="results root, one folder per task below it (default: the scale's)")
     parser.add_argument("--work", help="runs root (default: outputs/legw/<scale>); a second call with the same "
                         "folder skips finished runs and resumes unfinished ones")
+    parser.add_argument("--tuning", help="the tuned row's search at each tuned rung: 'grid' (lr x 1/4..4, two "
+                        "warmups) or 'halton:N' (N quasi-random trials); default: the scale's")
     parser.add_argument("--rerender-v1", action="store_true", help="train nothing: render the committed protocol-v1 "
                         "tables (results/legw/<task>/) again from their run records under the protocol's statistics")
     args = parser.parse_args(argv)
@@ -483,6 +485,13 @@ def main(argv=None) -> list[Path]:
                      "experiments/legw/README.md")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     scale = SCALES[args.scale]
+    if args.tuning:
+        try:
+            P.tuning_trials(1.0, 0.0, args.tuning)  # refuses a bad spec before anything runs
+        except ValueError as error:
+            parser.error(str(error))
+        scale = {**scale, "tuning": args.tuning, "tasks": {t: {k: v for k, v in spec.items() if k != "tuning"}
+                                                           for t, spec in scale["tasks"].items()}}
     work_root = Path(args.work) if args.work else REPO / "outputs" / "legw" / args.scale
     out_root = Path(args.out) if args.out else REPO / scale["results"]
     jobs = args.jobs or scale.get("jobs") or os.cpu_count() or 1

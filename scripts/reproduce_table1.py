@@ -175,6 +175,8 @@ def main(argv=None) -> Path:
     parser.add_argument("--jobs", type=int, default=None, help="runs at a time, one process and cores/jobs "
                         "torch threads each (default: the scale's, else one per core)")
     parser.add_argument("--out", help="results folder (default: the scale's)")
+    parser.add_argument("--tuning", help="the tuned row's search at each tuned rung: 'grid' (the sqrt rule's lr x "
+                        "1/4..4) or 'halton:N' (N quasi-random trials); default: the scale's")
     parser.add_argument("--work", help="folder for the runs themselves (default: outputs/lamb_table1/<scale>); "
                         "a second call with the same folder skips finished runs and resumes unfinished ones")
     args = parser.parse_args(argv)
@@ -189,6 +191,12 @@ def main(argv=None) -> Path:
                      "experiment=lamb_table1 " + " ".join(SCALES["gpu"]["train"]) + " batch=32,2048`")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     scale = SCALES[args.scale]
+    if args.tuning:
+        try:
+            P.tuning_trials(1.0, 0.0, args.tuning)  # refuses a bad spec before anything runs
+        except ValueError as error:
+            parser.error(str(error))
+        scale = {**scale, "tuning": args.tuning}
     out = Path(args.work) if args.work else REPO / "outputs" / "lamb_table1" / args.scale
     if out.exists():
         log.info("work folder %s exists: finished runs are skipped, unfinished ones resumed (delete it, or pass "

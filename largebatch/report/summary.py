@@ -193,8 +193,7 @@ def findings(rows: list[dict], *, unigram: dict | None = None, candidate: str = 
     out += _gaps_against_spread(cells, candidate, baseline, key)
     out += _steps_to_target(cells, (candidate, baseline), target, scaling_factor)
     out += _noise_scale(cells, (candidate, baseline), holds)
-    untrained = _untrained(cells, unigram, key)
-    barely = _barely_trained(cells, unigram, key, tolerance)
+    untrained, barely = _against_unigram(cells, unigram, key, tolerance)
     out.append(_verdict(holds, candidate, baseline, untrained))  # the ladder's question, answered after its evidence
 
     out += _configurations(cells, candidate, baseline)
@@ -292,32 +291,24 @@ def _gaps_against_spread(cells: list[Cell], candidate: str, baseline: str, key: 
             + "; ".join(clauses) + "."]
 
 
-def _untrained(cells: list[Cell], unigram: dict | None, key: str) -> dict[str, float]:
-    """{optimizer: its base rung's mean loss} for the optimizers whose base rung does not beat the unigram
-    baseline: they learned no more than token frequencies, so no verdict compares them."""
+def _against_unigram(cells: list[Cell], unigram: dict | None, key: str, tolerance: float
+                     ) -> tuple[dict[str, float], dict[str, float]]:
+    """Each optimizer's base rung against the unigram baseline (on the split ``key`` reads): ({optimizer: its
+    mean loss} where it does not beat the unigram: it learned no more than token frequencies, so no verdict
+    compares it; {optimizer: how far below the unigram} where that is under two margins: it barely trained)."""
     if unigram is None:
-        return {}
+        return {}, {}
     floor = unigram["test"]["loss"] if key == "test_loss" and "test" in unigram else unigram["loss"]
-    out = {}
+    untrained, barely = {}, {}
     for name in {c.optimizer for c in cells}:
         rungs = ladder(cells, name)
-        if rungs and not P.beats_baseline(rungs[0].values(key), floor, higher_is_better=False):
-            out[name] = rungs[0].mean(key)
-    return out
-
-
-def _barely_trained(cells: list[Cell], unigram: dict | None, key: str, tolerance: float) -> dict[str, float]:
-    """{optimizer: how far its base rung is below the unigram} where that is under two margins: a model
-    that learned little more than token frequencies, whose comparisons say little."""
-    if unigram is None:
-        return {}
-    floor = unigram["test"]["loss"] if key == "test_loss" and "test" in unigram else unigram["loss"]
-    out = {}
-    for name in {c.optimizer for c in cells}:
-        rungs = ladder(cells, name)
-        if rungs and rungs[0].mean(key) is not None and 0 < floor - rungs[0].mean(key) < 2 * tolerance:
-            out[name] = floor - rungs[0].mean(key)
-    return out
+        if not rungs or rungs[0].mean(key) is None:
+            continue
+        if not P.beats_baseline(rungs[0].values(key), floor, higher_is_better=False):
+            untrained[name] = rungs[0].mean(key)
+        elif floor - rungs[0].mean(key) < 2 * tolerance:
+            barely[name] = floor - rungs[0].mean(key)
+    return untrained, barely
 
 
 def _verdict(holds: dict, candidate: str, baseline: str, untrained: dict | None = None) -> str:
