@@ -66,7 +66,7 @@ def _cache_spec(data_cfg, vocab_size: int) -> dict:
         "max_documents": data_cfg.max_documents, "eval_fraction": data_cfg.eval_fraction,
         "vocab_size": vocab_size, "version": CACHE_VERSION, "inputs": input_fingerprint(data_cfg),
         # only when set, so the caches built before test splits existed keep their keys
-        **({"test_fraction": data_cfg.get("test_fraction", 0.0)} if data_cfg.get("test_fraction", 0.0) else {}),
+        **({"test_fraction": getattr(data_cfg, "test_fraction", 0.0)} if getattr(data_cfg, "test_fraction", 0.0) else {}),
     }
 
 
@@ -101,11 +101,11 @@ def _split_corpus(data_cfg) -> dict[str, list[str]]:
     from largebatch.data.sources import load_documents
 
     documents = load_documents(data_cfg)
-    docs = _split_documents(documents, data_cfg.eval_fraction, data_cfg.get("test_fraction", 0.0))
+    docs = _split_documents(documents, data_cfg.eval_fraction, getattr(data_cfg, "test_fraction", 0.0))
     if not docs["train"]:
         raise ConfigError(
             f"{_describe(data_cfg)} yields {len(documents)} document(s), all held out for evaluation "
-            f"(data.eval_fraction={data_cfg.eval_fraction}, data.test_fraction={data_cfg.get('test_fraction', 0.0)}): add documents (in .txt files, blank-line-separated "
+            f"(data.eval_fraction={data_cfg.eval_fraction}, data.test_fraction={getattr(data_cfg, 'test_fraction', 0.0)}): add documents (in .txt files, blank-line-separated "
             "blocks) or lower data.eval_fraction"
             + (f" / raise data.max_documents={data_cfg.max_documents}" if data_cfg.max_documents else "")
         )
