@@ -103,7 +103,7 @@ SCALES = {
                         ladder=[4, 16], lr_grid=[0.3, 1.0], warmup=0.0, warmup_grid=[0.0, 0.03]),
             "mnist_lstm": dict(train=["scale=tiny", "data.max_train=512", "epochs=1", "eval_every_epochs=0.25"],
                                ladder=[16, 64], lr_grid=[1e-3, 3e-3], warmup=0.0, warmup_grid=[0.0, 0.1],
-                               tuned=[64], budgets=[0.5, None]),
+                               tuned=[64], tuning="halton:3", budgets=[0.5, None]),
             "seq2seq": dict(train=["scale=tiny", "data.max_train=128", "epochs=1", "eval_every_epochs=0.5"],
                             ladder=[8, 32], lr_grid=[1e-3, 3e-3], warmup=0.0, warmup_grid=[0.0, 0.1]),
             "resnet": dict(train=["scale=tiny", "data.max_train=256", "epochs=1", "eval_every_epochs=0.5",

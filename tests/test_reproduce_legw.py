@@ -37,7 +37,7 @@ def test_smoke_ladder_end_to_end_then_a_second_call_skips_every_run(driver, tmp_
     assert seeds == {("base", "16", "1"), ("base", "16", "2"), *((rule, "64", "1") for rule in driver.RULES),
                      ("tuned", "64", "1")}  # the sweep's seed-0 run is never the target
     trials = [r for r in rows if r["trial"] == "True"]
-    assert len(trials) == 10 and {r["seed"] for r in trials} == {"0"}
+    assert len(trials) == 3 and {r["seed"] for r in trials} == {"0"}
     assert {r["status"] for r in rows} == {"ok"}
     sweep = json.loads((results / "sweep.json").read_text())
     assert sweep["metric"] == "eval/accuracy"  # selection reads validation
@@ -48,12 +48,12 @@ def test_smoke_ladder_end_to_end_then_a_second_call_skips_every_run(driver, tmp_
     linear = next(r for r in rows if r["row"] == "linear")
     assert float(linear["warmup_epochs"]) == pytest.approx(max(warmup, 1 / 18))  # Goyal's 5/90 of the run
     chosen = sweep["tuned"]["64"]["chosen"]
-    assert lr["tuned"] == pytest.approx(chosen["lr"]) and sweep["tuned"]["64"]["trials"] == 10
+    assert lr["tuned"] == pytest.approx(chosen["lr"]) and sweep["tuned"]["64"]["trials"] == 3
     table = (results / "table.md").read_text()
     base = [float(r["report"]) for r in rows if r["row"] == "base"]
     assert f"Target: test/accuracy {sum(base) / 2:.4g} [" in table and "from 2 seed(s) the sweep never ran" in table
     for needle in ("### test/accuracy at 0.5 epochs", "### test/accuracy at each run's end", "(target)",
-                   "tuned (oracle) (10 trials per rung, grid, selected on validation)", "Steps to result",
+                   "tuned (oracle) (3 trials per rung, halton:3, selected on validation)", "Steps to result",
                    "McCandlish fit", "| batch | Q1 | Q2 | Q3 | Q4 |", "majority class"):
         assert needle in table, needle
     assert any(word in table for word in ("✓", "✗", "unresolved, needs"))
