@@ -381,6 +381,7 @@ def reproduce_task(task: str, args, scale: dict, runner: LegwRunner, work: Path,
         folder = f"runs/tuned/batch={b}/{name}" if row == "tuned_trial" else f"runs/{row}/{name}"
         entries.append({"row": "tuned" if row == "tuned_trial" else row, "batch": b, "seed": 0 if row == "tuned_trial"
                         else s, "trial": row == "tuned_trial", "dir": job.run_dir, "record": folder})
+    entries.sort(key=entry_order)
     for e in entries:  # one by one: with no base warmup a sqrt run is also the legw rung's
         copy_run_records({e["dir"]: e["record"]}, results)
     atomic_write_json(results / "sweep.json", record)
@@ -391,12 +392,14 @@ def reproduce_task(task: str, args, scale: dict, runner: LegwRunner, work: Path,
     tuned = setting(scale, task, "tuned")
     tuning = (f"{next(iter(tuned_record.values()))['trials']} trials per rung, {setting(scale, task, 'tuning')}, "
               "selected on validation") if tuned_record else None
+    notes = []
     edges = [str(b) for b, r in tuned_record.items() if r["lr_at_edge"]]
-    notes = [f"The tuned row's best lr sits at the edge of its search at batch {', '.join(edges)}: a wider search "
-             "could do better there, so the oracle is a lower bound." for _ in edges[:1]]
-    notes += [] if TASKS[task]["report"].startswith("test/") else [
-        f"This task logs no test metric along the way: the table reports validation ({TASKS[task]['report']}), "
-        "the split that also selected the base config."]
+    if edges:
+        notes.append(f"The tuned row's best lr sits at the edge of its search at batch {', '.join(edges)}: a wider "
+                     "search could do better there, so the oracle is a lower bound.")
+    if not TASKS[task]["report"].startswith("test/"):
+        notes.append(f"This task logs no test metric along the way: the table reports validation "
+                     f"({TASKS[task]['report']}), the split that also selected the base config.")
     legw_report.write_legw_report(
         [{**e, "dir": results / e["record"]} for e in entries], results, task=task, spec=task_spec(task, scale),
         title=f"LEGW at reduced scale ({args.scale}): {task}, {run_s / 60:.1f} min of training in all ({runner.jobs} "
@@ -404,7 +407,8 @@ def reproduce_task(task: str, args, scale: dict, runner: LegwRunner, work: Path,
         + (f" over {clock.calls} calls (it resumes)" if clock.calls > 1 else "")
         + (f", sharing its workers with {', '.join(others)}" if others else ""),
         claim=TASKS[task]["paper"], tuning=tuning, protocol_notes=notes,
-        provenance={"command": f"make reproduce-legw TASK={task} SCALE={args.scale}", "protocol": "v2", "base_lr": lr,
+        provenance={"command": f"make reproduce-legw TASK={task} SCALE={args.scale}", "protocol": "v2", "scale": args.scale,
+                    "tuning_text": tuning, "base_lr": lr,
                     "wall_time_s": round(clock.total_s(), 1), "calls": clock.calls, "jobs": runner.jobs,
                     "run_seconds": round(run_s, 1), "run_together_with": others,
                     "threads_per_job": runner.threads, "base_warmup_epochs": warmup,
@@ -435,19 +439,41 @@ def v1_notes(task: str) -> list[str]:
     return notes
 
 
-def rerender_v1(task: str, folder: Path) -> dict:
-    """Render a committed v1 table again under the protocol's statistics, from the run records beside it."""
-    record = read_json(folder / "provenance.json") or {}
-    title = (folder / "table.md").read_text().splitlines()[0].removeprefix("# ").split(" — protocol v1")[0]
-    order = ["base", *RULES]
+ROW_ORDER = ("base", *RULES, "tuned")
+
+
+def entry_order(e: dict) -> tuple:
+    """The order of a table's runs (the driver's and a re-render's): row, batch, trials before seeds, seed."""
+    return ROW_ORDER.index(e["row"]), e["batch"], not e.get("trial"), e["seed"], e["record"]
+
+
+def folder_entries(folder: Path) -> list[dict]:
+    """A results folder's run entries, from its runs/<row>/batch=B,seed=S and runs/tuned/batch=B/trial,... ."""
     entries = []
     for run in (folder / "runs").glob("*/batch=*,seed=*"):
         batch, seed = (int(part.split("=")[1]) for part in run.name.split(","))
         entries.append({"row": run.parent.name, "batch": batch, "seed": seed, "dir": run,
                         "record": f"runs/{run.parent.name}/{run.name}"})
-    entries.sort(key=lambda e: (order.index(e["row"]), e["batch"], e["seed"]))
+    for run in (folder / "runs" / "tuned").glob("batch=*/trial,*"):
+        entries.append({"row": "tuned", "batch": int(run.parent.name.split("=")[1]), "seed": 0, "trial": True,
+                        "dir": run, "record": f"runs/tuned/{run.parent.name}/{run.name}"})
+    return sorted(entries, key=entry_order)
+
+
+def rerender(task: str, folder: Path) -> dict:
+    """Render a committed table again from the run records beside it: a v1 table under the protocol's
+    statistics (with its caveats), a v2 table as its driver rendered it."""
+    record = read_json(folder / "provenance.json") or {}
+    title = (folder / "table.md").read_text().splitlines()[0].removeprefix("# ").split(" — protocol v1")[0]
+    entries = folder_entries(folder)
+    if record.get("protocol") != "v1":
+        return legw_report.write_legw_report(
+            entries, folder, task=task, spec=task_spec(task, SCALES[record.get("scale", "small")]), title=title,
+            claim=TASKS[task]["paper"], tuning=record.get("tuning_text"),
+            protocol_notes=record.get("protocol_notes", []), provenance=record)
     if record.get("base_warmup_epochs") == 0:  # the legw rungs were sqrt's runs, copied under legw/
         entries = [e for e in entries if e["row"] != "legw"] + [{**e, "row": "legw"} for e in entries if e["row"] == "sqrt"]
+        entries.sort(key=entry_order)
     keep = {k: record[k] for k in ("command", "base_lr", "base_warmup_epochs", "wall_time_s", "calls", "jobs",
                                    "run_seconds", "run_together_with", "threads_per_job", "seeds", "work_folder",
                                    "sweep", "steps") if k in record}
@@ -471,12 +497,13 @@ def main(argv=None) -> list[Path]:
                         "folder skips finished runs and resumes unfinished ones")
     parser.add_argument("--tuning", help="the tuned row's search at each tuned rung: 'grid' (lr x 1/4..4, two "
                         "warmups) or 'halton:N' (N quasi-random trials); default: the scale's")
-    parser.add_argument("--rerender-v1", action="store_true", help="train nothing: render the committed protocol-v1 "
-                        "tables (results/legw/<task>/) again from their run records under the protocol's statistics")
+    parser.add_argument("--rerender", action="store_true", help="train nothing: render the committed tables "
+                        "(results/legw/<task>/) again from their run records (protocol v1 ones under the protocol's "
+                        "statistics, with their caveats)")
     args = parser.parse_args(argv)
-    if args.rerender_v1:
+    if args.rerender:
         root = Path(args.out) if args.out else REPO / SCALES["small"]["results"]
-        return [rerender_v1(task, root / task)["files"]["table.md"].parent for task in args.task or list(TASKS)]
+        return [rerender(task, root / task)["files"]["table.md"].parent for task in args.task or list(TASKS)]
     if args.scale == "gpu":
         import torch
 
