@@ -206,6 +206,9 @@ def test_a_lower_is_better_metric_and_an_untrained_base(tmp_path):
     # (the base's final mean, 100.5) is first strictly beaten at its last eval (step 51)
     table = (tmp_path / "report" / "table.md").read_text()
     assert "| 20 | 51 / 51 / 51 |" in table
+    # the strictest target 100.5 is first beaten at the base's last eval (epoch 1); legw at 80 ends at 100.4-100.6
+    assert "Epochs to the validation target 100.5: 1 at the base batch; sqrt + LEGW at 80: 1; sqrt (no LEGW) at 80: never" \
+        in "\n".join(out["statements"])
 
 
 # ----------------------------------------------------------------------------- the committed tables

@@ -77,6 +77,22 @@ def statements(runs, spec: L.Spec, assessed: dict, base: int, top_of: dict[str, 
     return out
 
 
+def epochs_to_target(runs: list[L.Run], spec: L.Spec, target: float, base: int, top_of: dict[str, int]) -> str:
+    """Epochs to the strictest validation target (the first evaluation that beats it, the fewest over a rung's
+    seeds): the base against each rule's top rung; at a fixed epoch budget, perfect scaling keeps them equal."""
+    def epochs(row: str, batch: int) -> float | None:
+        hits = [h["epoch"] for r in runs if r.row == row and r.batch == batch and not r.trial
+                and (h := P.steps_to_result(r.select, target, spec.higher_is_better)) and h.get("epoch") is not None]
+        return min(hits) if hits else None
+
+    parts = [f"{RULE_NAMES.get(rule, rule)} at {top}: " + (f"{e:.3g}" if (e := epochs(rule, top)) else "never")
+             for rule, top in top_of.items()]
+    at_base = epochs("base", base)
+    return (f"Epochs to the validation target {target:.4g}: {at_base:.3g} at the base batch" if at_base else
+            f"The base never beats the validation target {target:.4g}") + "; " + "; ".join(parts) + \
+        " (equal epochs would be perfect scaling)."
+
+
 def write_runs_csv(runs: list[L.Run], spec: L.Spec, path: Path) -> Path:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
@@ -166,6 +182,8 @@ def write_legw_report(entries: list[dict], out_dir: Path, *, task: str, spec: L.
     warmups = {r.warmup_epochs for r in base_runs if r.warmup_epochs is not None}
     lines = statements(runs, spec, main, base, top_of, warmups.pop() if len(warmups) == 1 else None, tuning,
                        spec.report_key, fresh_target)
+    if targets:
+        lines.append(epochs_to_target(runs, spec, targets[-1], base, top_of))
     files = {"runs.csv": write_runs_csv(runs, spec, out_dir / "runs.csv")}
     text = render(runs, spec, by_budget, title=title, claim=claim, lines=lines, base=base, steps=steps,
                   targets=targets, fits=fits, tuning=tuning, protocol_notes=list(protocol_notes))
