@@ -49,7 +49,7 @@ from largebatch.drivers import (  # noqa: E402
     finite_or_inf,
     next_lr,
     rel,
-    run_action,  # noqa: E402
+    run_action,
     widening_sweep,
 )
 from largebatch.errors import LargebatchError, fail  # noqa: E402
