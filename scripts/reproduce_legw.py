@@ -195,8 +195,7 @@ def score_run(task: str, run_dir: Path, last: int) -> float:
     key = TASKS[task]["select"]
     if run_action(run_dir) != "skip":
         return float("inf")
-    value = finite_or_inf(P.final_value([{"value": m[key]} for m in read_metrics(run_dir)
-                                         if isinstance(m.get(key), (int, float)) and "loss" not in m], last))
+    value = finite_or_inf(L.value_of(read_metrics(run_dir), key, last))
     return -value if TASKS[task]["higher_is_better"] and value != float("inf") else value
 
 

@@ -17,8 +17,8 @@ Besides the end-of-training losses, the findings measure how the ladder scales:
   (:func:`mark_targets`), compared with perfect scaling (steps halve when the batch doubles);
 - the gradient noise scale B_simple (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training"),
   the batch beyond which larger batches stop paying off, logged by the trainer as "noise/b_simple";
-- noise bands: a gap between two cells is only called a difference when it exceeds the seed-to-seed spread
-  (:func:`noise_band`).
+- interval verdicts (largebatch/protocol.py, docs/protocol.md): a rung holds, fails or is unresolved by the
+  95% interval of its own gap to its base rung against the margin (:func:`hold_up_to`).
 """
 
 from __future__ import annotations
@@ -136,8 +136,7 @@ def _rung_change(cells: list[Cell], optimizer: str, tolerance: float, key: str =
         return None
     base, top = rungs[0], rungs[-1]
     verdict = P.verdict(top.values(key), base.values(key), tolerance, higher_is_better=False)
-    return {"base": base, "top": top, "delta": top.mean(key) - base.mean(key), "verdict": verdict,
-            "holds": verdict.word == "holds", "key": key}
+    return {"base": base, "top": top, "delta": top.mean(key) - base.mean(key), "verdict": verdict, "key": key}
 
 
 def _describe_change(name: str, ch: dict, tolerance: float) -> str:
@@ -155,8 +154,8 @@ def _describe_change(name: str, ch: dict, tolerance: float) -> str:
 def findings(rows: list[dict], *, unigram: dict | None = None, candidate: str = "lamb", baseline: str = "adamw",
              tolerance: float = 0.05, target_fraction: float = 0.5, scaling_factor: float = 1.5) -> list[str]:
     """Plain-language bullets, each computed from ``rows``. ``tolerance``: the largest rise of the
-    eval loss (nats) from the base to the top rung still called "holding" (a choice, not a result), and the
-    smallest noise band (see :func:`noise_band`). ``target_fraction``: where on the base rungs' runs the target
+    loss (nats) from the base rung still called "holding" (the verdicts' margin, a choice, not a result).
+    ``target_fraction``: where on the base rungs' runs the target
     loss is read (see :func:`loss_target`); ``scaling_factor``: how far above perfect scaling the steps to
     target may be and still count as scaling. Sets the rows' steps and samples to target (see
     :func:`mark_targets`)."""
