@@ -13,7 +13,7 @@ JOBS ?=
 TASK ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train smoke test test-slow lint bench clean reproduce-table1 reproduce-legw
+.PHONY: help install train smoke test test-slow lint bench clean reproduce-table1 reproduce-legw legw-warmup-ablation lamb-studies
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
@@ -38,6 +38,12 @@ reproduce-table1: $(STAMP) ## LAMB Table 1: SCALE=smoke|quick|small|gpu (small -
 
 reproduce-legw: $(STAMP) ## LEGW ladders: TASK=ptb|mnist_lstm|seq2seq|resnet or several ("mnist_lstm ptb": run together, the first first; empty: all four), SCALE=smoke|small|gpu (small -> results/legw/<task>/); rerun resumes
 	$(PY) scripts/reproduce_legw.py --scale $(SCALE) $(foreach t,$(TASK),--task $(t)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS))
+
+legw-warmup-ablation: $(STAMP) ## LEGW's warmup against sqrt alone near the stability edge (MNIST-LSTM; Adam and SGD arms) -> results/legw/warmup_ablation/; rerun resumes
+	$(PY) scripts/legw_warmup_ablation.py
+
+lamb-studies: $(STAMP) ## LAMB's lr robustness at the top rung, a long B_simple run, the tuned oracle head to head -> results/lamb_studies/; rerun resumes
+	$(PY) scripts/lamb_studies.py
 
 smoke: $(STAMP) ## a few seconds of training on a tiny config
 	$(BIN)/lb-train scale=tiny progress=false

@@ -296,11 +296,30 @@ def steps_section(steps: dict, targets: list[float], rows: list[str], names: dic
             + ", ".join(f"{t:.4g}" for t in targets) + " (the strictest last):", "", *table(headers, body), ""]
 
 
+def noise_text(x) -> str:
+    """One B_simple estimate: a value at or below 0 is the estimator's noise (the two batch sizes' gradient
+    norms did not separate), not a noise scale."""
+    return "≤ 0 (noise)" if isinstance(x, (int, float)) and math.isfinite(x) and x <= 0 else fmt(x, 3)
+
+
 def noise_section(noise: dict[int, list], fits: dict[str, P.CriticalBatchFit | None]) -> list[str]:
     lines = ["Gradient noise scale B_simple (McCandlish et al.) by quarter of each run's steps, the median over the "
-             "rung's runs, in samples:", ""]
-    lines += table(["batch", "Q1", "Q2", "Q3", "Q4"], [[b, *(fmt(x, 3) for x in q)] for b, q in noise.items()])
+             "rung's runs, in samples (—: no estimate in that quarter, too few log steps):", ""]
+    lines += table(["batch", "Q1", "Q2", "Q3", "Q4"], [[b, *(noise_text(x) for x in q)] for b, q in noise.items()])
     lines.append("")
+    if noise:
+        base = min(noise)
+        last = next((x for x in reversed(noise[base]) if x is not None), None)
+        if last is not None and last > 0:
+            above = [b for b in noise if b > last]
+            lines.append(f"- The base rung's B_simple late in training is {fmt(last, 3)} samples: "
+                         + (f"the rungs {', '.join(map(str, above))} sit above it, where doubling the batch no "
+                            "longer halves the steps a target needs (McCandlish et al.)." if above else
+                            "every rung sits below it.")
+                         )
+        elif last is not None:
+            lines.append("- The base rung's late B_simple is not resolved (an estimate at or below 0): this "
+                         "workload's noise scale is unknown at this budget.")
     for name, f in fits.items():
         lines.append(f"- McCandlish fit `steps = S_min (1 + B_crit / B)` to {name}: "
                      + (f.text() if f else "no fit (fewer than two rungs reached the target, or no curve of that "
