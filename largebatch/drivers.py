@@ -329,6 +329,10 @@ class Runner:
                  " (resuming)" if job.action == "resume" else "")
         self.started.append(job.run_dir)
         started = time.perf_counter()
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # as a pool worker does: two drivers side by side share the cores
         try:
             summary = train(job.cfg, job.run_dir)
         except LargebatchError as error:
@@ -337,6 +341,8 @@ class Runner:
             self._record(job, time.perf_counter() - started, f"{type(error).__name__}: {error}")
             log.warning("run %s diverged: %s", rel(job.run_dir), error)
             return None
+        finally:
+            torch.set_num_threads(before)
         self._record(job, time.perf_counter() - started)
         return summary
 

@@ -46,6 +46,7 @@ TOP = 128
 MULTIPLIERS = (0.5, 1, 2, 4, 8)
 SEEDS = (1, 2)
 OPTIMIZERS = ("lamb", "adamw")
+LR_EVALS = "eval_every_epochs=0.0416666667"  # 8 evaluations a run (the ladder's 16 double its cost at 128)
 LONG = dict(optimizer="lamb", batch=64, epochs=2.0, eval_every_epochs=0.125, seed=1)
 TUNED_BATCHES = (64, 16, 4)
 SCALE = {"tuned": [], "tuning": "halton:3", "adamw_clip_norm": T1.ADAMW_CLIP_NORM}
@@ -67,7 +68,7 @@ def base_lrs() -> dict:
 def lr_jobs(work: Path, lrs: dict) -> dict:
     """{(optimizer, multiplier, seed): Job} at the top rung; the experiment's legw rule scales lr x sqrt(64)."""
     return {(opt, m, s): Job([*COMMON, f"optimizer={opt}", *T1.optimizer_overrides(opt, SCALE),
-                              f"optimizer.lr={lrs[opt] * m:g}", f"batch={TOP}", f"seed={s}"],
+                              f"optimizer.lr={lrs[opt] * m:g}", f"batch={TOP}", f"seed={s}", LR_EVALS],
                              work / "lr_robustness" / opt / f"x{m:g},seed={s}")
             for opt in OPTIMIZERS for m in MULTIPLIERS for s in SEEDS}
 

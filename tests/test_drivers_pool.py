@@ -246,3 +246,19 @@ def test_a_worker_killed_from_outside_fails_the_runs_and_the_driver_still_ends(t
     run_dir = tmp_path / "run"
     assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
     assert run_action(run_dir) == "resume"
+
+
+def test_a_run_in_the_drivers_own_process_uses_the_runners_threads_and_gives_the_count_back(tmp_path, monkeypatch):
+    """jobs=1 trains in the driver's process: it must still take ``threads`` (two drivers side by side, one
+    thread each, would otherwise run 2 x cores threads and crawl), and leave the process's count as it was."""
+    import torch
+
+    from largebatch import drivers
+
+    seen = []
+    monkeypatch.setattr(drivers, "train", lambda cfg, run_dir: seen.append(torch.get_num_threads()) or {})
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    runner = Runner(tmp_path, jobs=1, threads=wanted)
+    runner._run_here(Job(["scale=tiny"], tmp_path / "run"))
+    assert seen == [wanted] and torch.get_num_threads() == before
