@@ -13,7 +13,7 @@ JOBS ?=
 TASK ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train smoke test test-slow lint bench clean reproduce-table1 reproduce-legw legw-warmup-ablation lamb-studies
+.PHONY: help install train smoke test test-system test-slow lint bench clean reproduce-table1 reproduce-legw legw-warmup-ablation lamb-studies
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
@@ -48,8 +48,11 @@ lamb-studies: $(STAMP) ## LAMB's lr robustness at the top rung, a long B_simple 
 smoke: $(STAMP) ## a few seconds of training on a tiny config
 	$(BIN)/lb-train scale=tiny progress=false
 
-test: $(STAMP) lint ## lint, then the fast test suite (slow tests excluded)
-	$(BIN)/pytest -m "not slow" -q $(PYTEST_ARGS)
+test: $(STAMP) lint ## lint, then the fast test tier (in-process; no slow or system tests)
+	$(BIN)/pytest -m "not slow and not system" -q $(PYTEST_ARGS)
+
+test-system: $(STAMP) ## the system tier: tests that start processes (several ranks, kills, drivers end to end)
+	$(BIN)/pytest -m "system and not slow" -q $(PYTEST_ARGS)
 
 test-slow: $(STAMP) ## only the slow tests
 	$(BIN)/pytest -m slow -q $(PYTEST_ARGS)

@@ -207,6 +207,7 @@ def one_training_one_idle(tmp_path, then) -> dict:
     return outcome
 
 
+@pytest.mark.system
 def test_a_signal_stops_the_running_runs_after_a_checkpoint_and_a_second_call_resumes_them(tmp_path):
     """Runner.stop (the drivers' SIGTERM handler): the real spawned worker checkpoints and stops, the thread
     waiting on it gets DriverStopped, and the run folder is left for the next call to resume. The other
@@ -226,6 +227,7 @@ def test_a_signal_stops_the_running_runs_after_a_checkpoint_and_a_second_call_re
     assert run_action(run_dir) == "resume" and any((run_dir / "checkpoints").iterdir())
 
 
+@pytest.mark.system
 def test_a_worker_killed_from_outside_fails_the_runs_and_the_driver_still_ends(tmp_path):
     """The idle worker killed by the system (the OOM killer: SIGKILL) breaks the pool: the pool's SIGTERM
     stops the run on the other worker, which checkpoints and then waits on a queue the broken pool no

@@ -90,6 +90,7 @@ def test_bptt_is_exact_under_accumulation(corpus_dir, tmp_path):
     assert max(m.get("epoch", 0) for m in metrics(tmp_path / "8")) > 1.4  # across an epoch boundary (state reset)
 
 
+@pytest.mark.system
 def test_two_processes_match_one(corpus_dir, tmp_path, data_cache):
     base = ["scale=tiny", *LM, f"data.folder={corpus_dir}", "data.max_tokens=null", *SGD, "micro_batch=2",
             "epochs=0.5", "progress=false"]

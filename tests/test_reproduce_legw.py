@@ -24,6 +24,7 @@ def driver():
 
 
 # ----------------------------------------------------------------------------- the driver, end to end
+@pytest.mark.system
 def test_smoke_ladder_end_to_end_then_a_second_call_skips_every_run(driver, tmp_path):
     """The protocol end to end: selection on validation, a target from fresh seeds, interval verdicts, a tuned
     row with its budget, two epoch budgets, steps to result for three targets, the fit, B_simple by quarter."""

@@ -57,6 +57,7 @@ def kill_after_first_checkpoint(proc, run_dir, timeout=240):
     assert json.loads((run_dir / "status.json").read_text())["status"] == "running"
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("world", [1, 2])
 def test_kill_9_then_resume_continues_the_uninterrupted_run_exactly(tmp_path, data_cache, world):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
@@ -122,6 +123,7 @@ def test_a_run_folder_is_never_silently_reused(compose_cfg, tmp_path):
     assert steps == list(range(1, len(steps) + 1))  # one run's lines, none of the replaced run's
 
 
+@pytest.mark.system
 def test_a_sweep_outlives_a_diverging_job(tmp_path, data_cache):
     proc = subprocess.run([lb("lb-train"), "-m", "scale=tiny", "progress=false", "save_checkpoint=false",
                            f"data.cache_dir={data_cache}", "optimizer=sgd", "optimizer.momentum=0", "schedule=constant",

@@ -97,6 +97,7 @@ def launch(launcher, run_dir, data_cache, *overrides):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(("sharding", "optimizer", "launcher"), [
     ("none", "lamb", "torchrun"), ("none", "lars", "torchrun"), ("fsdp2", "lamb", "torchrun"),
     ("fsdp2", "lars", "accelerate")])
@@ -115,6 +116,7 @@ def test_two_processes_train_as_one(runs, sharding, optimizer, launcher):
             torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.system
 def test_fsdp2_checkpoint_resumes_exactly(runs, data_cache, run_overrides, tmp_path):
     """The run killed after its first checkpoint (here: the finished run, with every later checkpoint and
     record removed) resumes from the shards and writes the uninterrupted run's numbers."""
@@ -150,6 +152,7 @@ def test_submitit_local_sweep_runs_each_job_on_two_processes(tmp_path, data_cach
         assert json.loads((job / "status.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.system
 def test_optimizers_step_sharded_parameters_as_whole_tensors(tmp_path):
     """Every registry optimizer with implementation=auto on FSDP2-sharded parameters (uneven shards
     included), 2 processes with 2 micro-batches each, matches the unsharded optimizer on the whole batch:

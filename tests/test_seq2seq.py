@@ -222,6 +222,7 @@ def test_final_eval_false_skips_the_test_decode_and_keeps_the_periodic_evaluatio
     assert not [key for key in summary if key.startswith("test/")]
     assert not (tmp_path / "translations").exists() and not (tmp_path / "examples.md").exists()
 
+@pytest.mark.system
 def test_two_processes_match_one(tmp_path, data_cache):
     """Loss, greedy BLEU on valid and beam BLEU on test (decoded by two ranks, gathered) as one process."""
     base = ["model=seq2seq", "data=verses", "scale=tiny", "model.dropout=0", "micro_batch=4", "epochs=0.5",

@@ -118,6 +118,7 @@ def test_too_many_skips_in_a_row_stop_the_run(compose_cfg, tmp_path, monkeypatch
                           "save_checkpoint=false"), tmp_path)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_process_cpu_run_matches_one_process(tmp_path, data_cache, launcher):
     base = ["scale=tiny", f"data.cache_dir={data_cache}", "batch=32", "micro_batch=8", "model.dropout=0",
