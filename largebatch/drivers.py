@@ -120,6 +120,30 @@ def job_cost(cfg) -> float:
                / (s.get("batch") or cfg.batch) for s in cfg.stages)
 
 
+class Progress:
+    """The driver's one line per finished run: which, how long, how many are left and a time estimate (the
+    mean run of this call so far, ``jobs`` at a time)."""
+
+    def __init__(self, jobs: int):
+        self.jobs, self.left, self.seconds = jobs, 0, []
+        self.t0 = time.perf_counter()
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.left += n
+
+    def finished(self, name: str, seconds: float, error: str | None = None) -> str:
+        with self._lock:
+            self.left = max(0, self.left - 1)
+            self.seconds.append(seconds)
+            mean = sum(self.seconds) / len(self.seconds)
+            eta = mean * self.left / self.jobs
+            return (f"{'failed' if error else 'done'}: {name} in {seconds / 60:.1f} min; {len(self.seconds)} run(s) "
+                    f"done in this call ({(time.perf_counter() - self.t0) / 60:.1f} min), {self.left} queued or running"
+                    + (f", ~{eta / 60:.0f} min left at {self.jobs} at a time" if self.left else ""))
+
+
 class Runner:
     """Runs jobs: in this process (``jobs=1``) or in a pool of ``jobs`` spawned processes with
     ``threads`` torch threads each. Every run is skipped, resumed or started per :func:`run_action`.
@@ -146,6 +170,7 @@ class Runner:
         self._pool = None
         self._dispatchers: list[threading.Thread] = []
         self.stopping = False
+        self.progress = Progress(jobs)
 
     def __enter__(self) -> Runner:
         return self
@@ -247,6 +272,7 @@ class Runner:
         step = {"command": job.command, "run_dir": rel(job.run_dir), "action": job.action}
         if seconds is not None:
             step["seconds"] = round(seconds, 1)
+            log.info("%s", self.progress.finished(rel(job.run_dir), seconds, error))
         if error:
             step["error"] = error
         self.steps.append(step)
@@ -269,6 +295,7 @@ class Runner:
                     results[i] = json.loads((job.run_dir / "summary.json").read_text())
             else:
                 todo.append(i)
+        self.progress.add(len(todo))
         if in_process or self.jobs == 1:
             for i in todo:
                 results[i] = self._run_here(jobs[i])

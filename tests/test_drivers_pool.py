@@ -264,3 +264,19 @@ def test_a_run_in_the_drivers_own_process_uses_the_runners_threads_and_gives_the
     runner = Runner(tmp_path, jobs=1, threads=wanted)
     runner._run_here(Job(["scale=tiny"], tmp_path / "run"))
     assert seen == [wanted] and torch.get_num_threads() == before
+
+
+def test_the_progress_line_counts_the_runs_left_and_estimates_from_the_mean_run():
+    from largebatch.drivers import Progress
+
+    p = Progress(jobs=2)
+    p.add(5)
+    first = p.finished("runs/sqrt/batch=512,seed=1", 120.0)
+    assert "done: runs/sqrt/batch=512,seed=1 in 2.0 min" in first and "4 queued or running" in first
+    assert "~4 min left at 2 at a time" in first  # 4 more runs of 2 min, 2 at a time
+    second = p.finished("runs/legw/batch=512,seed=1", 240.0, error="NonFiniteError")
+    assert second.startswith("failed:") and "~4 min left" in second  # 3 x 3 min / 2 = 4.5 -> 4
+    p.add(0)
+    for _ in range(3):
+        last = p.finished("r", 60.0)
+    assert "0 queued or running" in last and "left at" not in last

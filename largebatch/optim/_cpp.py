@@ -22,6 +22,7 @@ import hashlib
 import logging
 import math
 import threading
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -422,6 +423,9 @@ def load(verbose: bool = False):
 
         # The name carries a hash of source and flags: a changed kernel never loads a stale build.
         digest = hashlib.sha1((_SOURCE + " ".join(_FLAGS) + torch.__version__).encode()).hexdigest()[:12]
+        if not _built(f"largebatch_optim_{digest}"):
+            log.warning("largebatch.optim: building the C++ LAMB/LARS kernel once for this machine and torch "
+                        "(1-4 min on 2 cores; cached for every later run)")
         try:
             _module = load_inline(
                 name=f"largebatch_optim_{digest}",
@@ -435,6 +439,16 @@ def load(verbose: bool = False):
             _failed = f"{type(exc).__name__}: {str(exc)[-2000:]}"
             log.warning("largebatch.optim: C++ kernel build failed, using the foreach path: %s", _failed)
         return _module
+
+
+def _built(name: str) -> bool:
+    """Whether torch's extension cache already holds a build of ``name`` (a guess: False when unsure)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return any(Path(_get_build_directory(name, verbose=False)).glob("*.so"))
+    except Exception:  # noqa: BLE001 - a private helper of torch: only the message depends on it
+        return False
 
 
 def failure() -> str | None:
