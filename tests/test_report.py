@@ -281,3 +281,17 @@ def test_squad_f1_downstream_gets_its_own_columns(tmp_path):
     assert "| random-init acc | downstream F1 | random-init F1 |" in md and "| 61.5 | 10 |" in md
     assert "Downstream f1 (lamb): 61.5 at batch 4 → 58.25 at batch 64." in bullets
     assert any("helps downstream in 2 of 2 run(s)" in b for b in bullets)
+
+
+def test_no_yes_for_a_candidate_that_barely_trained():
+    """A barely-trained model keeps a flat loss at any batch: holding further up is then no evidence."""
+    from types import SimpleNamespace as NS
+
+    from largebatch.report.summary import _verdict
+
+    holds = {"lamb": {"last": NS(batch=128), "possible": NS(batch=128)},
+             "adamw": {"last": NS(batch=4), "possible": NS(batch=8)}}
+    assert _verdict(holds, "lamb", "adamw").startswith("Verdict: yes")
+    flat = _verdict(holds, "lamb", "adamw", barely={"lamb": 0.06})
+    assert flat.startswith("Verdict: none") and "0.06 nats below the unigram" in flat and "yes" not in flat
+    assert _verdict(holds, "lamb", "adamw", untrained={"lamb": 7.3}).startswith("Verdict: none")

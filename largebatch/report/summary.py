@@ -193,7 +193,7 @@ def findings(rows: list[dict], *, unigram: dict | None = None, candidate: str = 
     out += _steps_to_target(cells, (candidate, baseline), target, scaling_factor)
     out += _noise_scale(cells, (candidate, baseline), holds)
     untrained, barely = _against_unigram(cells, unigram, key, tolerance)
-    out.append(_verdict(holds, candidate, baseline, untrained))  # the ladder's question, answered after its evidence
+    out.append(_verdict(holds, candidate, baseline, untrained, barely))  # the question, answered after its evidence
 
     out += _configurations(cells, candidate, baseline)
     out += _head_to_head(cells, candidate, key, untrained, barely)
@@ -310,10 +310,12 @@ def _against_unigram(cells: list[Cell], unigram: dict | None, key: str, toleranc
     return untrained, barely
 
 
-def _verdict(holds: dict, candidate: str, baseline: str, untrained: dict | None = None) -> str:
+def _verdict(holds: dict, candidate: str, baseline: str, untrained: dict | None = None,
+             barely: dict | None = None) -> str:
     """The question the ladder asks: does the candidate hold its loss further up than the baseline? Yes only
     when its proven reach passes the baseline's possible one; no when the baseline provably holds as far as
-    the candidate possibly does; otherwise unresolved. Never a verdict on a row that did not train."""
+    the candidate possibly does; otherwise unresolved. Never a verdict on a row that did not train, and no
+    "yes" for one that barely trained (a flat ladder of a barely-trained model reads as scaling)."""
     cand, base = holds[candidate], holds[baseline]
     if cand is None or base is None:
         missing = " and ".join(n for n, h in holds.items() if h is None)
@@ -325,6 +327,10 @@ def _verdict(holds: dict, candidate: str, baseline: str, untrained: dict | None 
                 "the ladder compares models that did not train.")
     c_proven, c_possible = cand["last"].batch, cand["possible"].batch
     b_proven, b_possible = base["last"].batch, base["possible"].batch
+    if c_proven > b_possible and candidate in (barely or {}):
+        return (f"Verdict: none: {candidate} holds further up than {baseline}, but its base rung is only "
+                f"{barely[candidate]:.3g} nats below the unigram baseline: a model that barely trained keeps a flat "
+                "loss at any batch, which is not scaling. Train the base rung longer.")
     if c_proven > b_possible:
         return (f"Verdict: yes, {candidate} holds its loss further up the ladder than {baseline}: it holds up to "
                 f"batch {c_proven}, where {baseline} has failed by batch {b_possible}'s next rung.")
