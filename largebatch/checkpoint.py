@@ -10,6 +10,7 @@ Data order and masks are functions of (seed, epoch, sample), so the position is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -25,6 +26,7 @@ from largebatch.fileio import atomic_write_json, replace_dir
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"  # every file of a checkpoint with its size and checksum, written last
 # Keys that may differ between a run and its resumption (everything else must match).
 RESUMABLE_DIFFERENCES = {"resume", "overwrite", "progress", "logger", "keep_checkpoints", "checkpoint_every_epochs",
                          "save_checkpoint"}
@@ -115,11 +117,70 @@ def save_checkpoint(accelerator, parallel, task, state: TrainerState, run_dir: P
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / "trainer_state.json", asdict(state))
+        write_manifest(tmp)
         replace_dir(tmp, final)  # the same step may be saved again (a finished run resumed)
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file of a finished checkpoint folder (size and checksum), so a resume can tell a whole
+    checkpoint from one damaged after it was written (a truncated or overwritten file)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    atomic_write_json(folder / MANIFEST, {"files": {str(p.relative_to(folder)): {"size": p.stat().st_size,
+                                                                                  "blake2b": _digest(p)}
+                                                    for p in files}})
+
+
+def damage(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed, or None when it is whole. A checkpoint written before manifests
+    existed is checked for a readable trainer_state.json only."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "trainer_state.json is missing or does not parse"
+    if not (checkpoint / MANIFEST).is_file():
+        return None
+    try:
+        files = json.loads((checkpoint / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return f"{MANIFEST} does not parse"
+    for name, want in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["size"]:
+            return f"{name} has {path.stat().st_size} bytes, {want['size']} were written"
+        if _digest(path) != want["blake2b"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def newest_whole_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of ``run_dir`` that is whole (a damaged newer one is skipped with a warning that
+    names it); None when the run has none; a ConfigError when every one is damaged."""
+    checkpoints = checkpoint_dirs(run_dir)
+    damaged = []
+    for checkpoint in reversed(checkpoints):
+        why = damage(checkpoint)
+        if why is None:
+            return checkpoint
+        damaged.append(f"{checkpoint.name}: {why}")
+        log.warning("checkpoint %s is damaged (%s): resuming from an older one", checkpoint, why)
+    if damaged:
+        raise ConfigError(f"every checkpoint of {run_dir} is damaged ({'; '.join(damaged)}): nothing to resume "
+                          "from; overwrite=true trains the run again from the start")
+    return None
 
 
 def load_checkpoint(accelerator, parallel, task, checkpoint: Path) -> TrainerState:

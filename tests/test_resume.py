@@ -192,3 +192,33 @@ def test_torn_metric_line_and_another_world_size(compose_cfg, tmp_path, monkeypa
     state_file.write_text(state_file.read_text().replace('"world_size": 1', '"world_size": 2'))
     with pytest.raises(ConfigError, match="written by 2 process"):
         train(compose_cfg("epochs=0.2", "micro_batch=16", "log_every=1", "resume=auto"), tmp_path)
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_older_one_and_the_run_still_matches(
+        compose_cfg, tmp_path, monkeypatch, caplog):
+    """keep_checkpoints=2 keeps an older checkpoint for this: a truncated newest one (a disk fault after it was
+    written) is named in a warning and the run resumes from the older one, every number as if uninterrupted.
+    When every checkpoint is damaged, one error says so and how to start over."""
+    from largebatch.checkpoint import MANIFEST
+
+    run_cfg = [*STAGES, "checkpoint_every_epochs=0.1", "keep_checkpoints=2"]
+    train(compose_cfg(*run_cfg), tmp_path / "reference")
+    plan = json.loads((tmp_path / "reference" / "plan.json").read_text())
+    forward_calls = plan[0]["total_steps"] * plan[0]["accumulation"] + 2 * plan[1]["accumulation"]  # stage 2, step 2
+    sigterm_at_step(monkeypatch, 1, micro_per_step=forward_calls)
+    with pytest.raises(Interrupted):
+        train(compose_cfg(*run_cfg), tmp_path / "run")
+    monkeypatch.undo()
+    older, newest = checkpoint_dirs(tmp_path / "run")
+    assert (newest / MANIFEST).is_file()
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with caplog.at_level("WARNING"):
+        train(compose_cfg(*run_cfg, "resume=auto"), tmp_path / "run")
+    assert f"checkpoint {newest} is damaged (model.safetensors has 100 bytes" in caplog.text
+    assert_same_records(records(tmp_path / "run"), records(tmp_path / "reference"))
+
+    for checkpoint in checkpoint_dirs(tmp_path / "run"):
+        (checkpoint / "trainer_state.json").write_text('{"step": 3')  # cut mid-write
+    with pytest.raises(ConfigError, match="every checkpoint of .* is damaged .*overwrite=true"):
+        train(compose_cfg(*run_cfg, "resume=auto"), tmp_path / "run")
