@@ -25,7 +25,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from largebatch.config import CONF_DIR, compose, register_configs
+from largebatch.config import CONF_DIR, compose, register_configs, validate
 from largebatch.errors import LargebatchError, fail
 
 log = logging.getLogger("largebatch")
@@ -190,6 +190,7 @@ def plan_rows(overrides: list[str], world_size: int) -> list[tuple[DictConfig, l
     rows = []
     for combo in _expand_sweeps(overrides):
         cfg = compose(combo)
+        validate(cfg)  # lb-train's checks (largebatch.train.train), before the task is built
         task = build_task(cfg)
         rows.append((cfg, build_plans(cfg, task, world_size, allow_declared=True), task))
     return rows

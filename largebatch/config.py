@@ -272,15 +272,16 @@ class TrainConfig:
     sharding: str = "none"  # none (one process or DDP) | fsdp2 (torch's fully_shard; largebatch/distributed.py)
 
 
+# The model schemas by model name (conf/model/<name>.yaml uses <name>_schema; its name field defaults to <name>).
+MODELS: dict[str, type] = {node.name: node for node in (
+    BertModelConfig, LstmLMConfig, LstmClassifierConfig, ResnetConfig, Seq2seqConfig)}
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for group, name, node in [
-        ("model", "bert_schema", BertModelConfig),
-        ("model", "lstm_lm_schema", LstmLMConfig),
-        ("model", "lstm_classifier_schema", LstmClassifierConfig),
-        ("model", "resnet_schema", ResnetConfig),
-        ("model", "seq2seq_schema", Seq2seqConfig),
+        *(("model", f"{model}_schema", node) for model, node in MODELS.items()),
         ("data", "text_schema", TextDataConfig),
         ("data", "word_corpus_schema", WordCorpusConfig),
         ("data", "image_schema", ImageDataConfig),
@@ -321,7 +322,8 @@ CHOICES = {"on_nonfinite": ("stop", "skip"), "precision": ("auto", "no", "bf16",
 
 def validate(cfg) -> None:
     """Every top-level value a user can set, checked before anything is built or written (lb-plan and
-    lb-train alike). Group values are checked by their schemas (types) and their factories."""
+    lb-train alike: both call it first), and the groups' names and options (model, optimizer, scaling, schedule)
+    against their registries. Other group values are checked by their schemas (types) and their factories."""
     import difflib
     import math
 
@@ -371,3 +373,49 @@ def validate(cfg) -> None:
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:
             raise ConfigError(f"{key}={cfg[key]!r} is not one of {' | '.join(choices)}")
+    _validate_model(cfg.model)
+    _validate_optimizer(cfg.optimizer)
+    from largebatch.sched import RULES
+    from largebatch.sched.schedules import check_schedule
+
+    if cfg.scaling.rule not in RULES:
+        raise ConfigError(f"unknown scaling rule {cfg.scaling.rule!r}; choose one of {', '.join(RULES)} (scaling=<rule>)")
+    schedule = cfg.schedule
+    check_schedule(schedule.name, warmup_init_lr=schedule.warmup_init_lr, power=schedule.power, gamma=schedule.gamma,
+                   milestones=schedule.milestones, decay_start_epoch=schedule.decay_start_epoch)
+
+
+def _validate_model(model_cfg) -> None:
+    """model.name is one of conf/model/, the one its fields belong to, and model.task is a known task."""
+    from largebatch.errors import ConfigError
+    from largebatch.tasks import TASKS
+
+    name, choices = model_cfg.name, " | ".join(MODELS)
+    if name not in MODELS:
+        raise ConfigError(f"model.name={name!r} is unknown; choose one of {choices} with model=NAME")
+    schema = OmegaConf.get_type(model_cfg)
+    if schema in MODELS.values() and schema is not MODELS[name]:
+        raise ConfigError(f"model.name={name!r} does not match the model config ({schema.name}); "
+                          f"choose the model with model={name}, not model.name={name}")
+    if model_cfg.task not in TASKS:
+        raise ConfigError(f"model.task={model_cfg.task!r} is unknown; choose one of {' | '.join(TASKS)}")
+
+
+def _validate_optimizer(opt_cfg) -> None:
+    """optimizer.name is a registry entry and every option set is one that entry takes."""
+    from largebatch.errors import ConfigError
+    from largebatch.optim import OPTIMIZERS
+
+    name = opt_cfg.name
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.name={name!r} is unknown; choose one of {' | '.join(OPTIMIZERS)} with "
+                          "optimizer=NAME (`lb-plan --optimizers` describes them)")
+    takes = OPTIMIZERS[name].defaults
+    schema = set(OptimizerConfig.__dataclass_fields__)
+    # Keys outside the schema (added with +optimizer.KEY=...) are refused even when null: a misspelt option.
+    unknown = [k for k in opt_cfg if k not in OPTIMIZER_KEYS_NOT_OPTIONS and k not in takes
+               and (k not in schema or opt_cfg[k] is not None)]
+    if unknown:
+        listed = ", ".join(f"optimizer.{k}" for k in unknown)
+        raise ConfigError(f"optimizer {name!r} does not take {listed}; remove it, or set one of its options: "
+                          f"{', '.join(takes)}")

@@ -8,6 +8,7 @@ POSIX filesystems), so a crash, a full disk or a kill leaves the previous versio
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -71,6 +72,39 @@ def replace_dir(complete: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(complete, path)
+
+
+FULL_HASH_MAX_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones by SAMPLE_CHUNKS chunks
+SAMPLE_CHUNKS = 16
+SAMPLE_CHUNK_BYTES = 1 << 20
+
+
+def file_fingerprint(path: str | Path) -> list:
+    """``[size, mtime_ns, content hash]`` of a file, for keying caches on their inputs: a same-size edit
+    whose old mtime was restored (``touch -r``, ``rsync -t``, a checkout) still changes the key.
+
+    Files up to ``FULL_HASH_MAX_BYTES`` are hashed whole (blake2b: the bundled corpus's 16 MB in under
+    0.1 s); larger ones by ``SAMPLE_CHUNKS`` chunks of ``SAMPLE_CHUNK_BYTES`` at fixed offsets spread
+    over the file (the first and the last included) plus the size, so keying a 100 GB corpus reads 16 MiB
+    (an edit between those chunks that also keeps the size and the mtime is not seen). Nothing is memoised:
+    a hash kept by stat fields could be stale for exactly such an edit."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, _content_hash(Path(path), st.st_size)]
+
+
+def _content_hash(path: Path, size: int) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_MAX_BYTES:
+            for block in iter(lambda: f.read(SAMPLE_CHUNK_BYTES), b""):
+                digest.update(block)
+            return digest.hexdigest()
+        digest.update(f"sampled:{size}".encode())
+        last = size - SAMPLE_CHUNK_BYTES
+        for i in range(SAMPLE_CHUNKS):
+            f.seek(last * i // (SAMPLE_CHUNKS - 1))
+            digest.update(f.read(SAMPLE_CHUNK_BYTES))
+    return "s" + digest.hexdigest()
 
 
 def _umask() -> int:

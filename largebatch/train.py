@@ -37,12 +37,12 @@ from largebatch.checkpoint import (
     GracefulStop,
     Interrupted,
     TrainerState,
-    checkpoint_dirs,
     config_differences,
     load_checkpoint,
+    newest_whole_checkpoint,
     save_checkpoint,
 )
-from largebatch.config import optimizer_options
+from largebatch.config import optimizer_options, validate
 from largebatch.device import resolve_device_type, resolve_precision
 from largebatch.distributed import adopt_cluster_environment, check_launch, data_parallel
 from largebatch.errors import ConfigError, NonFiniteError
@@ -101,11 +101,11 @@ def open_run_dir(cfg, run_dir: Path) -> tuple[Path, Path | None]:
         if differences:
             raise ConfigError(f"resume: the run in {run_dir} was started with another config ("
                               + "; ".join(differences[:5]) + "); resume it with the same overrides")
-        checkpoints = checkpoint_dirs(run_dir)
-        if not checkpoints and _status(run_dir) == "finished" and not cfg.overwrite:
+        checkpoint = newest_whole_checkpoint(run_dir)
+        if checkpoint is None and _status(run_dir) == "finished" and not cfg.overwrite:
             raise ConfigError(f"resume: the run in {run_dir} finished without a checkpoint (save_checkpoint=false): "
                               "there is nothing to continue; overwrite=true trains it again")
-        return run_dir, checkpoints[-1] if checkpoints else None
+        return run_dir, checkpoint
     if holds_run and cfg.resume is not None:  # a sweep job that failed before its run wrote anything
         return run_dir, None
     if holds_run and not cfg.overwrite:
@@ -131,6 +131,7 @@ def clear_run_records(run_dir: Path) -> None:
 
 
 def train(cfg, run_dir: Path) -> dict:
+    validate(cfg)  # lb-plan's checks, before the accelerator, the data or the run folder is touched
     accelerator = make_accelerator(cfg)
     world, device = accelerator.num_processes, accelerator.device
     set_seed(cfg.seed)

@@ -61,6 +61,57 @@ def test_a_text_file_edited_in_place_is_seen_by_the_next_build(tmp_path):
     assert torch.equal(again.train.sequences, second.train.sequences)
 
 
+SAME_SIZE = ["mango", "lychee", "tomato", "orange", "lemon", "yam", "melon", "olive"]  # OLD's word lengths
+
+
+def test_a_same_size_edit_with_the_old_mtime_restored_is_seen(tmp_path):
+    """Size and mtime alone would reuse the stale cache (``touch -r``, ``rsync -t`` and checkouts restore
+    mtimes): the key holds the content's hash."""
+    corpus = write_corpus(tmp_path / "corpus.txt", OLD)
+    cfg = text_cfg(tmp_path, corpus)
+    first = build_mlm_data(cfg, VOCAB, 16, seed=0)
+    assert words_seen(first) <= set(OLD)
+    old_dir, before = corpus_cache_dir(cfg, VOCAB), corpus.stat()
+
+    write_corpus(corpus, SAME_SIZE)
+    os.utime(corpus, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = corpus.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert corpus_cache_dir(cfg, VOCAB) != old_dir
+    second = build_mlm_data(cfg, VOCAB, 16, seed=0)
+    assert words_seen(second) <= set(SAME_SIZE) and words_seen(second) & set(SAME_SIZE)
+
+
+def test_large_files_are_keyed_by_sampled_chunks_and_size(tmp_path, monkeypatch):
+    """Past FULL_HASH_MAX_BYTES a file is hashed by fixed-offset chunks: an edit in one, with size and mtime
+    kept, changes the fingerprint; so does the size. The parallel-corpus cache is keyed the same way."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from largebatch import fileio
+    from largebatch.config import TranslationDataConfig
+    from largebatch.data.parallel import cache_folder
+
+    monkeypatch.setattr(fileio, "FULL_HASH_MAX_BYTES", 1000)
+    monkeypatch.setattr(fileio, "SAMPLE_CHUNK_BYTES", 50)  # 16 chunks of 50 bytes, 600 bytes apart
+    big = tmp_path / "big.txt"
+    big.write_bytes(bytes(10_000))
+    stat = big.stat()
+    fingerprint = fileio.file_fingerprint(big)
+    assert fingerprint[:2] == [10_000, stat.st_mtime_ns] and fingerprint[2].startswith("s")
+    data_cfg = OmegaConf.structured(TranslationDataConfig(name="parallel_files", source="text_files",
+                                                          cache_dir=str(tmp_path / "cache")))
+    folder = cache_folder(data_cfg, SimpleNamespace(input_files=[big]))
+
+    big.write_bytes(bytes(9_999) + b"x")  # inside the last chunk
+    os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fileio.file_fingerprint(big) != fingerprint
+    assert cache_folder(data_cfg, SimpleNamespace(input_files=[big])) != folder
+    big.write_bytes(bytes(10_001))
+    assert fileio.file_fingerprint(big)[2] != fingerprint[2]
+
+
 @pytest.mark.parametrize("failing", ["train_wordpiece", "pack_sequences"])
 def test_a_failed_first_build_leaves_no_cache_and_the_next_build_is_right(tmp_path, monkeypatch, failing):
     corpus = write_corpus(tmp_path / "corpus.txt", OLD)

@@ -60,6 +60,10 @@ def train_outcome(overrides: list[str], monkeypatch, run_dir) -> str | None:
     (["eval_batch=0"], "eval_batch=0 must be an integer > 0"),
     (["on_nonfinite=skipp"], "on_nonfinite='skipp' is not one of stop | skip"),
     (["+optimiser=lamb"], "unknown config key 'optimiser'"),
+    (["log_every=0"], "log_every=0"),
+    (["micro_batch=-4"], "micro_batch=-4"),
+    (["micro_batch=0"], "micro_batch=0"),
+    (["checkpoint_every_epochs=0"], "checkpoint_every_epochs=0"),
     # good configs: both go on to build
     ([], None),
     (["optimizer=lamb"], None),

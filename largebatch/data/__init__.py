@@ -1,7 +1,8 @@
 """Data factory: documents -> WordPiece tokenizer -> packed sequences -> masked-LM datasets.
 
 Everything derived from the documents is cached under ``data.cache_dir`` in a folder keyed by the
-corpus and split settings AND by the size and mtime of every input file (``sources.input_files``), so
+corpus and split settings AND by the size, mtime and content hash of every input file
+(``sources.input_files``, ``fileio.file_fingerprint``), so
 the tokenizer is trained once, every sequence length is tokenized once, and a file edited in place
 gives a new cache. A cache folder appears complete or not at all: the first build (tokenizer and the
 first ``seq{L}.pt``) is made in a temporary folder and renamed into place, each later ``seq{L}.pt`` is
@@ -24,12 +25,13 @@ import torch
 from largebatch.data import tokenizer as wordpiece
 from largebatch.data.mlm import MaskedLMDataset, pack_sequences
 from largebatch.errors import ConfigError
-from largebatch.fileio import atomic_dir, atomic_file, atomic_write_json
+from largebatch.fileio import atomic_dir, atomic_file, atomic_write_json, file_fingerprint
 
 log = logging.getLogger(__name__)
 
 SPLIT_SEED = 1234  # the held-out documents do not depend on the training seed
-CACHE_VERSION = 2  # 2: keyed on the input files' size and mtime, built atomically, seq files name their tokenizer
+CACHE_VERSION = 3  # 2: keyed on the input files' size and mtime, built atomically, seq files name their tokenizer;
+# 3: and on their content hash (older folders are not found again: rebuilt once)
 MANIFEST = "cache.json"  # what a cache folder was built from (for people; completeness is the tokenizer's files)
 
 __all__ = ["MLMData", "build_mlm_data", "corpus_cache_dir"]
@@ -49,13 +51,12 @@ class MLMData:
 
 
 def input_fingerprint(data_cfg) -> list[list]:
-    """[path, size, mtime_ns] of every local file the documents are read from."""
+    """[path, size, mtime_ns, content hash] of every local file the documents are read from."""
     from largebatch.data.sources import input_files
 
     out = []
     for path in input_files(data_cfg):
-        st = os.stat(path)
-        out.append([os.path.realpath(path), st.st_size, st.st_mtime_ns])
+        out.append([os.path.realpath(path), *file_fingerprint(path)])
     return out
 
 

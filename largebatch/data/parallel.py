@@ -14,7 +14,7 @@ Sources (``data.source``):
 Tokenizer: one BPE vocabulary over both languages (``tokenizers``; NFC normalisation, SentencePiece-style
 metaspace pre-tokenisation with punctuation split off, so decoding gives back the text, accents and
 all), trained on the TRAINING pairs only and cached under ``data.cache_dir`` in a folder keyed by the
-source, split and vocabulary settings and the input files' size and mtime.
+source, split and vocabulary settings and the input files' size, mtime and content hash.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from torch.nn.utils.rnn import pad_sequence
 from largebatch.data.steps import split_micro
 from largebatch.data.sword import module_dir, sword_verses
 from largebatch.errors import ConfigError, DataNotFoundError
-from largebatch.fileio import atomic_file
+from largebatch.fileio import atomic_file, file_fingerprint
 from largebatch.labels import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, UNK_ID
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,7 @@ SOURCES = ("sword", "text_files", "hub")
 # The verse pairs: languages with a SWORD module in the KJV versification.
 VERSE_MODULES = {"en": "engKJV2006eb", "es": "spaRV1909eb"}
 SPECIAL_TOKENS = {"<pad>": PAD_ID, "<unk>": UNK_ID, "<s>": BOS_ID, "</s>": EOS_ID}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the input files' content hash joins the key (older folders: rebuilt once)
 
 Pair = tuple[str, str]
 
@@ -169,12 +168,12 @@ def train_bpe(texts: list[str], vocab_size: int):
 
 
 def cache_folder(data_cfg, splits: ParallelSplits) -> Path:
-    """Keyed by every setting the vocabulary depends on and the input files' size and mtime."""
+    """Keyed by every setting the vocabulary depends on and the input files' size, mtime and content hash."""
     settings = {k: data_cfg[k] for k in ("source", "src_lang", "tgt_lang", "split_seed", "valid_fraction",
                                          "test_fraction", "folder", "hub_dataset", "hub_config", "vocab_size",
                                          "max_train")}
     settings["splits"] = dict(data_cfg.splits)
-    files = [[str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in splits.input_files]
+    files = [[str(p), *file_fingerprint(p)] for p in splits.input_files]
     key = json.dumps({"version": CACHE_VERSION, "settings": settings, "files": files}, sort_keys=True, default=str)
     return Path(data_cfg.cache_dir) / f"parallel-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 

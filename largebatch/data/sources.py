@@ -247,8 +247,10 @@ def text_file_documents(
             )
         column = "text" if builder == "text" else text_column
         options = {"sample_by": "paragraph"} if builder == "text" else {}
-        try:
-            dataset = datasets.load_dataset(builder, data_files=[path], split="train", **options)
+        try:  # prepared afresh: datasets keys its own cache of local files on path and mtime only, so a
+            # same-size edit with the old mtime restored would be read stale (largebatch.fileio.file_fingerprint)
+            dataset = datasets.load_dataset(builder, data_files=[path], split="train",
+                                            download_mode=_FRESH, **options)
         except unreadable as error:
             raise ConfigError(_unreadable_message(path, builder, error)) from error
         what = "only blank lines" if builder == "text" else f"no row with a non-empty {column!r} value"
@@ -258,6 +260,11 @@ def text_file_documents(
                 f"data.files=[...]")):
             return documents[:max_documents]
     return documents
+
+
+# Documents are read only when the token cache (keyed on the files' content) misses, so re-preparing local files
+# costs a parse next to a tokenization.
+_FRESH = "force_redownload"
 
 
 def _add_documents(documents: list[str], found: list[str], max_documents: int | None, if_none: str) -> bool:
@@ -366,8 +373,8 @@ def hub_documents(
                 f"the dataset hub is unreachable from this machine, so {spec!r} cannot be loaded: "
                 + _HUB_HELP.format(id=dataset_id)
             )
-        try:
-            dataset = datasets.load_dataset(dataset_id, config, split="train")
+        try:  # a local folder is prepared afresh, as in text_file_documents
+            dataset = datasets.load_dataset(dataset_id, config, split="train", download_mode=_FRESH if local else None)
         except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
             where = "locally" if local else "on the hub or in the local cache (HF_HUB_OFFLINE is set?)"
             raise DataNotFoundError(
@@ -410,7 +417,7 @@ def _bundled_files(source: str) -> list[Path]:
 
 
 def input_files(cfg) -> list[Path]:
-    """The local files :func:`load_documents` reads for ``cfg``, for keying caches on their size and mtime.
+    """The local files :func:`load_documents` reads for ``cfg``, for keying caches on their size, mtime and content.
 
     bundled: the package files of each source (a source that is not installed contributes none: its
     loader raises the error that says how to install it, if the documents are needed at all);

@@ -91,9 +91,28 @@ def build_schedule(
     return lr
 
 
-def _check_run(name: str, total: int, warmup: int, steps_per_epoch: int) -> None:
+def check_schedule(
+    name: str,
+    *,
+    warmup_init_lr: float = 0.0,
+    power: float = 1.0,
+    gamma: float = 0.1,
+    milestones: Sequence[float] = (),
+    decay_start_epoch: float = 0.0,
+) -> None:
+    """The schedule's name and own values, checked before the run's length is known (``lb-plan`` and
+    ``lb-train`` alike, from ``largebatch.config.validate``); :func:`build_schedule` checks them again."""
+    _check_name(name)
+    _check_values(name, 0.0, warmup_init_lr, power, gamma, milestones, decay_start_epoch)
+
+
+def _check_name(name: str) -> None:
     if name not in SCHEDULES:
         raise ConfigError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)} (schedule=NAME)")
+
+
+def _check_run(name: str, total: int, warmup: int, steps_per_epoch: int) -> None:
+    _check_name(name)
     if total <= 0:
         raise ConfigError(f"the run has {total} steps; train for more epochs or use a smaller batch")
     if steps_per_epoch <= 0:
