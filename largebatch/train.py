@@ -82,18 +82,55 @@ def global_norm(tensors) -> torch.Tensor:
     return total.full_tensor() if isinstance(total, DTensor) else total
 
 
+RUN_LOCK = ".lock"  # held by the live run's main process (lock_run_dir)
 RUN_RECORDS = ("status.json", "config.yaml", "plan.json", "env.json", "metrics.jsonl", "summary.json",
                "wandb_run_id", CHECKPOINTS, "model")
 
 
-def open_run_dir(cfg, run_dir: Path) -> tuple[Path, Path | None]:
-    """(the folder this run writes, the checkpoint it resumes from). A folder that already holds a run is
-    refused unless the config says to resume it (same config) or to overwrite it."""
+def lock_run_dir(run_dir: Path):
+    """An exclusive OS lock on ``run_dir`` for the life of the run: the open lock file (keep it open; closing
+    it, or the process's death, releases it, so a crashed run's folder is free again). Refused, naming the
+    holder, while another live process holds it: two writers would interleave one run's records."""
+    import fcntl
+    import os
+    import socket
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / RUN_LOCK, "a+")  # noqa: SIM115 - held open for the run's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"the run folder {run_dir} is in use by a live run ({holder}): wait for it to end, or "
+                          "stop it (SIGTERM: it checkpoints first) and then resume=auto") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def open_run_dir(cfg, run_dir: Path, lock: bool = True) -> tuple[Path, Path | None, object]:
+    """(the folder this run writes, the checkpoint it resumes from, the folder's lock: held when ``lock``).
+    A folder in use by a live run is refused; one that already holds a run is refused unless the config says
+    to resume it (same config) or to overwrite it."""
     if cfg.resume not in (None, "auto"):
         run_dir = Path(cfg.resume)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"resume={cfg.resume}: no run there (no config.yaml); give the folder of the run to "
                               "continue, or resume=auto to continue the run in hydra.run.dir if it has one")
+    held = lock_run_dir(run_dir) if lock else None
+    try:
+        return (run_dir, *_checked_run_dir(cfg, run_dir), held)
+    except BaseException:
+        if held is not None:
+            held.close()
+        raise
+
+
+def _checked_run_dir(cfg, run_dir: Path) -> tuple[Path | None]:
     holds_run = any((run_dir / name).exists() for name in RUN_RECORDS)
     if holds_run and cfg.resume is not None and (run_dir / "config.yaml").is_file():
         saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
@@ -105,13 +142,13 @@ def open_run_dir(cfg, run_dir: Path) -> tuple[Path, Path | None]:
         if checkpoint is None and _status(run_dir) == "finished" and not cfg.overwrite:
             raise ConfigError(f"resume: the run in {run_dir} finished without a checkpoint (save_checkpoint=false): "
                               "there is nothing to continue; overwrite=true trains it again")
-        return run_dir, checkpoint
+        return (checkpoint,)
     if holds_run and cfg.resume is not None:  # a sweep job that failed before its run wrote anything
-        return run_dir, None
+        return (None,)
     if holds_run and not cfg.overwrite:
         raise ConfigError(f"the run folder {run_dir} already holds a run (status: {_status(run_dir)}); resume it with "
                           "resume=auto, replace it with overwrite=true, or choose another hydra.run.dir")
-    return run_dir, None
+    return (None,)
 
 
 def _status(run_dir: Path) -> str:
@@ -140,7 +177,7 @@ def train(cfg, run_dir: Path) -> dict:
     task = build_task(cfg)
     with accelerator.main_process_first():  # rank 0 builds the data caches, then the others load them
         plans = build_plans(cfg, task, world)
-    run_dir, checkpoint = open_run_dir(cfg, Path(run_dir))
+    run_dir, checkpoint, run_lock = open_run_dir(cfg, Path(run_dir), lock=accelerator.is_main_process)
     resuming = checkpoint is not None
     if accelerator.is_main_process and not resuming:
         clear_run_records(run_dir)  # overwrite=true, or resume of a run that never checkpointed
@@ -163,8 +200,12 @@ def train(cfg, run_dir: Path) -> dict:
         recorder.status("failed", error=f"{type(error).__name__}: {error}", step=state.step)
         recorder.close()
         raise
-    recorder.status("finished", step=summary["steps"])
-    recorder.close()
+    else:
+        recorder.status("finished", step=summary["steps"])
+        recorder.close()
+    finally:
+        if run_lock is not None:
+            run_lock.close()  # after the last record
     accelerator.end_training()
     return summary
 

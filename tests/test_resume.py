@@ -216,3 +216,28 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_older_one_and_the_run_st
         (checkpoint / "trainer_state.json").write_text('{"step": 3')  # cut mid-write
     with pytest.raises(ConfigError, match="every checkpoint of .* is damaged .*overwrite=true"):
         train(compose_cfg(*run_cfg, "resume=auto"), tmp_path / "run")
+
+
+def test_a_live_run_holds_its_folder_and_a_dead_one_frees_it(compose_cfg, tmp_path):
+    """A second writer is refused while the first process lives, resume=auto included (the first would be
+    interleaved with it); the kernel frees the lock when that process dies, so a crashed run resumes."""
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "f.write(f'pid {os.getpid()} on this host'); f.flush(); print('held', flush=True); time.sleep(120)"),
+        str(run / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for extra in ([], ["resume=auto"]):
+            with pytest.raises(ConfigError, match=f"in use by a live run .pid {holder.pid} on this host.*SIGTERM"):
+                train(compose_cfg("epochs=0.05", "save_checkpoint=false", *extra), run)
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    train(compose_cfg("epochs=0.05", "save_checkpoint=false"), run)
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+    assert f"pid {os.getpid()} " in (run / ".lock").read_text()
