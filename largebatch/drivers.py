@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 from largebatch.config import compose
 from largebatch.errors import ConfigError, LargebatchError
 from largebatch.fileio import atomic_write_json
-from largebatch.pool import ignore_interrupts_while_idle, train_in_worker
+from largebatch.pool import train_in_worker, worker_init
 from largebatch.report.runs import BOOKKEEPING_KEYS, flatten_config, key_matches, read_json
 from largebatch.train import train  # looked up at call time by Runner._run_here (tests replace it)
 
@@ -231,7 +231,7 @@ class Runner:
     def make_pool(self):
         """The worker pool: ``jobs`` spawned processes (forked ones can hang on a running OpenMP pool)."""
         return ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=ignore_interrupts_while_idle)
+                                   initializer=worker_init)
 
     def close(self) -> None:
         """Stop the dispatchers and the pool: runs still queued are cancelled, running ones awaited."""

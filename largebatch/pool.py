@@ -42,6 +42,33 @@ def train_in_worker(overrides: list[str], run_dir: str, threads: int) -> dict:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def die_with_parent(poll_s: float = 1.0) -> None:
+    """A watchdog thread: when the driver that spawned this worker dies (``kill -9``, the OOM killer: no
+    chance to stop its pool), the worker is re-parented and sends itself SIGTERM. A running trainer takes it
+    as a stop (checkpoint, then exit: the next driver call resumes the run, which the dead worker no longer
+    holds); an idle worker exits. No orphan trains on or waits forever."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(120)  # a run checkpointing on the first signal gets this long, then a second one ends it
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
+
+
+def worker_init() -> None:
+    """Pool initializer: :func:`ignore_interrupts_while_idle` and :func:`die_with_parent`."""
+    ignore_interrupts_while_idle()
+    die_with_parent()
+
+
 def ignore_interrupts_while_idle() -> None:
     """Pool initializer: a worker between runs ignores SIGINT, the signal a driver stops its runs with
     (:meth:`largebatch.drivers.Runner.stop`; a terminal's Ctrl-C too). It has nothing to checkpoint, and a

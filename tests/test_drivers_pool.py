@@ -280,3 +280,50 @@ def test_the_progress_line_counts_the_runs_left_and_estimates_from_the_mean_run(
     for _ in range(3):
         last = p.finished("r", 60.0)
     assert "0 queued or running" in last and "left at" not in last
+
+
+DRIVER = """
+import os, sys, time
+from pathlib import Path
+from largebatch.drivers import Runner
+
+def sleeper(seconds):
+    time.sleep(seconds)
+
+if __name__ == "__main__":
+    pool = Runner(Path(sys.argv[1]), jobs=2).make_pool()
+    futures = [pool.submit(sleeper, 300), pool.submit(sleeper, 0)]  # one busy worker, one idle
+    futures[1].result()
+    print(" ".join(str(pid) for pid in pool._processes), flush=True)
+    time.sleep(300)
+"""
+
+
+@pytest.mark.system
+def test_pool_workers_die_with_a_killed_driver(tmp_path):
+    """kill -9 of a driver (the OOM killer's signal) leaves no orphan: each worker's watchdog sees its parent
+    gone and stops itself, busy or idle."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    driver = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in driver.stdout.readline().split()]
+    assert len(workers) == 2
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    deadline = time.time() + 30
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    while any(alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers)
