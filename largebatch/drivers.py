@@ -34,6 +34,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from largebatch.checkpoint import Interrupted
 from largebatch.config import compose
 from largebatch.errors import ConfigError, LargebatchError
 from largebatch.fileio import atomic_write_json
@@ -54,7 +55,13 @@ log = logging.getLogger("largebatch.drivers")
 
 
 class DriverStopped(LargebatchError):
-    """The driver was stopped by a signal; its runs checkpointed, and calling it again resumes them."""
+    """The driver was stopped by a signal; its runs checkpointed, and calling it again resumes them. The
+    process exits with 128 + the signal, as ``lb-train`` does (:func:`largebatch.errors.fail`)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+        self.prefix = "stopped"
 
 
 def rel(path: Path) -> str:
@@ -170,6 +177,7 @@ class Runner:
         self._pool = None
         self._dispatchers: list[threading.Thread] = []
         self.stopping = False
+        self.stop_signal = signal.SIGTERM  # the signal that stopped the driver (its exit code: 128 + it)
         self.progress = Progress(jobs)
 
     def __enter__(self) -> Runner:
@@ -197,6 +205,10 @@ class Runner:
                 signal.signal(sig, handler)
             log.warning("%s: stopping the runs after a checkpoint (again to exit at once)", signal.Signals(signum).name)
             self.stop(signum)
+            if self.jobs == 1:  # no trainer loop holds the signal (its own handler would): setting up a run,
+                # between runs, fine-tuning or the report. Stop here, at once; the next call resumes.
+                raise DriverStopped("by a signal outside a training loop; call the driver again with the same "
+                                    "arguments to resume", signum)
 
         previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -211,6 +223,7 @@ class Runner:
         them itself, so it is not sent again: a second signal kills a run before its checkpoint). Every
         :meth:`run_many` then raises :class:`DriverStopped`."""
         self.stopping = True
+        self.stop_signal = signum
         with self._lock:
             self._cancel_queued()
             workers = list(getattr(self._pool, "_processes", None) or {})
@@ -308,8 +321,9 @@ class Runner:
                 outcome, seconds = {"interrupted": "cancelled before it started"}, None
             if "interrupted" in outcome or self.stopping:
                 self._record(jobs[i], seconds, outcome.get("interrupted"))
-                raise DriverStopped(f"stopped by a signal ({rel(jobs[i].run_dir)}: {outcome.get('interrupted', 'done')});"
-                                    " call the driver again with the same arguments to resume")
+                raise DriverStopped(f"by a signal ({rel(jobs[i].run_dir)}: {outcome.get('interrupted', 'done')});"
+                                    " call the driver again with the same arguments to resume",
+                                    self.stop_signal)
             self._record(jobs[i], seconds, outcome.get("error"))
             if "error" in outcome:
                 log.warning("run %s failed: %s", rel(jobs[i].run_dir), outcome["error"][:300])
@@ -362,6 +376,10 @@ class Runner:
         torch.set_num_threads(self.threads)  # as a pool worker does: two drivers side by side share the cores
         try:
             summary = train(job.cfg, job.run_dir)
+        except Interrupted as stopped:  # the trainer's own handler took the signal: checkpointed
+            self._record(job, time.perf_counter() - started, str(stopped))
+            raise DriverStopped(f"by a signal ({rel(job.run_dir)}: {stopped}); call the driver again with the same "
+                                "arguments to resume", stopped.exit_code - 128) from None
         except LargebatchError as error:
             if run_action(job.run_dir) != "diverged":
                 raise

@@ -23,7 +23,9 @@ class NonFiniteError(LargebatchError):
 
 
 def fail(error: Exception | str) -> NoReturn:
-    """Print ``error: <message>`` (one line: Hydra's config-search-path appendix cut) and exit with 2."""
+    """Print ``error: <message>`` (one line: Hydra's config-search-path appendix cut) and exit with 2; an
+    error that carries its own ``exit_code`` and ``prefix`` (a driver stopped by a signal: 128 + the signal,
+    "stopped") uses them."""
     message = str(error).split("\nConfig search path")[0].strip()
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    print(f"{getattr(error, 'prefix', 'error')}: {message}", file=sys.stderr)
+    raise SystemExit(getattr(error, "exit_code", 2))

@@ -221,6 +221,7 @@ def test_a_signal_stops_the_running_runs_after_a_checkpoint_and_a_second_call_re
     assert outcome["both_spawned"] and outcome["closed"]
     assert isinstance(outcome["long"], DriverStopped), outcome["long"]
     assert "again with the same arguments" in str(outcome["long"])
+    assert outcome["long"].exit_code == 128 + signal.SIGTERM
     run_dir = tmp_path / "run"
     assert json.loads((tmp_path / "short" / "status.json").read_text())["status"] == "finished"
     assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
@@ -327,3 +328,44 @@ def test_pool_workers_die_with_a_killed_driver(tmp_path):
     while any(alive(pid) for pid in workers) and time.time() < deadline:
         time.sleep(0.2)
     assert not any(alive(pid) for pid in workers)
+
+
+def test_a_stopped_driver_exits_with_128_plus_the_signal_and_says_how_to_resume(tmp_path, capsys):
+    import signal
+
+    from largebatch.drivers import DriverStopped
+    from largebatch.errors import fail
+
+    runner = Runner(tmp_path)
+    runner.stop(signal.SIGINT)
+    with pytest.raises(SystemExit) as exited:
+        fail(DriverStopped("by a signal (runs/x); call the driver again with the same arguments to resume",
+                           runner.stop_signal))
+    assert exited.value.code == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert err.startswith("stopped: by a signal") and "error:" not in err
+
+
+def test_a_one_job_driver_stops_at_a_signal_outside_any_training_loop(tmp_path, monkeypatch):
+    """JOBS=1: a SIGTERM while a run sets up (no trainer loop holds the signal) stops the driver there; the
+    queued run never starts (it used to log "stopping" and train every run to the end)."""
+    import os
+    import signal
+
+    from largebatch import drivers
+    from largebatch.drivers import DriverStopped
+
+    started = []
+
+    def setting_up(cfg, run_dir):  # the signal arrives while the run builds its data
+        started.append(run_dir.name)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+        return {}
+
+    monkeypatch.setattr(drivers, "train", setting_up)
+    runner = Runner(tmp_path, jobs=1)
+    with pytest.raises(DriverStopped) as stopped, runner.stop_on_signals():
+        runner.run_many([Job(["scale=tiny"], tmp_path / "first"), Job(["scale=tiny"], tmp_path / "second")])
+    assert started == ["first"] and stopped.value.exit_code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
