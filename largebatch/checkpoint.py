@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import signal
 from dataclasses import asdict, dataclass, field
@@ -89,6 +90,26 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _encode(x):
+    """JSON has no NaN or inf: a non-finite float (an eval metric of a run that skips non-finite steps, a
+    noise-scale window) is kept as {"$float": "nan"}, so the resumed run gets it back exactly."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return {"$float": repr(x)}
+    if isinstance(x, dict):
+        return {k: _encode(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_encode(v) for v in x]
+    return x
+
+
+def _decode(obj: dict):
+    return float(obj["$float"]) if obj.keys() == {"$float"} else obj
+
+
+def read_trainer_state(checkpoint: Path) -> TrainerState:
+    return TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text(), object_hook=_decode))
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     folder = Path(run_dir) / CHECKPOINTS
@@ -116,7 +137,7 @@ def save_checkpoint(accelerator, parallel, task, state: TrainerState, run_dir: P
     torch.save(task.state_dict(), tmp / f"task_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_json(tmp / "trainer_state.json", asdict(state))
+        atomic_write_json(tmp / "trainer_state.json", _encode(asdict(state)))
         write_manifest(tmp)
         replace_dir(tmp, final)  # the same step may be saved again (a finished run resumed)
         for old in checkpoint_dirs(run_dir)[:-keep]:
@@ -184,7 +205,7 @@ def newest_whole_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(accelerator, parallel, task, checkpoint: Path) -> TrainerState:
-    state = TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+    state = read_trainer_state(checkpoint)
     if state.world_size != accelerator.num_processes:
         raise ConfigError(f"{checkpoint} was written by {state.world_size} process(es) and this run has "
                           f"{accelerator.num_processes}; resume it with the world size it was saved with")

@@ -1,4 +1,4 @@
-"""The training loop: one function, read top to bottom.
+"""The training loop: `_train` reads as the algorithm, its parts are the named helpers below it.
 
 The task (``largebatch.tasks``) builds the data and model and cuts each step into micro-batches; the
 plan fixes every stage's steps, lr and accumulation; the loop steps, evaluates, logs and checkpoints,
@@ -16,6 +16,7 @@ batch over micro-batches and ranks then gives the same gradient. The logged loss
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ import os
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +42,7 @@ from largebatch.checkpoint import (
     config_differences,
     load_checkpoint,
     newest_whole_checkpoint,
+    read_trainer_state,
     save_checkpoint,
 )
 from largebatch.config import optimizer_options, validate
@@ -186,7 +189,7 @@ def train(cfg, run_dir: Path) -> dict:
     # Nothing is written before the plan and the folder are known to be valid.
     state = TrainerState()
     if resuming:
-        state = TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+        state = read_trainer_state(checkpoint)
     recorder = RunRecorder(run_dir, cfg, enabled=accelerator.is_main_process, world_size=world, device=str(device),
                            resume_step=state.step if resuming else None)
     try:
@@ -210,14 +213,90 @@ def train(cfg, run_dir: Path) -> dict:
     return summary
 
 
+@dataclass
+class Loop:
+    """What every step of a run needs, built once by :func:`_build`."""
+
+    cfg: object
+    accelerator: Accelerator
+    task: object
+    parallel: object  # largebatch.distributed's strategy: DDP or FSDP2
+    model: torch.nn.Module
+    optimizer: object  # Accelerate's wrapper of core_optimizer
+    core_optimizer: torch.optim.Optimizer
+    params: list
+    noise: NoiseScale | None  # the gradient noise scale, measured on log steps (largebatch/noise.py)
+    recorder: RunRecorder
+    stages: int
+
+
+@dataclass
+class Stage:
+    """A stage's constants: its lr schedule, evaluation and checkpoint periods (in samples), throughput units."""
+
+    lr_at: object
+    eval_every: int
+    checkpoint_every: int | None
+    tokens_per_sample: int | None
+    flops_per_sample: float | None
+    device_name: str
+
+
+@dataclass
+class Step:
+    """One optimizer step, as its log line reports it."""
+
+    stage_step: int
+    lr: float
+    grad_norm: torch.Tensor
+    applied: bool  # False: skipped (on_nonfinite=skip)
+    update_norm: float | None = None
+
+
 def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, stop) -> dict:
-    world, device = accelerator.num_processes, accelerator.device
+    """The algorithm: for each stage, for each step: its micro-batches, one optimizer step, then log,
+    evaluate and checkpoint on their periods; at the end the final evaluation, the summary, the model."""
     recorder.plan(plans)
     if accelerator.is_main_process:
         log.info("plan (scaling rule %s, ref_batch %d, ref_lr %g):\n%s", cfg.scaling.rule, cfg.scaling.ref_batch,
                  cfg.scaling.ref_lr, format_plan(plans))
+    loop = _build(cfg, accelerator, task, plans, recorder, checkpoint, state)
+    earlier_sessions_s, session_start = state.elapsed_s, time.perf_counter()
 
-    # ---------------------------------------------------------------- model and optimizer
+    def save() -> Path:
+        state.elapsed_s = earlier_sessions_s + time.perf_counter() - session_start
+        return save_checkpoint(accelerator, loop.parallel, task, state, run_dir, keep=cfg.keep_checkpoints)
+
+    bar = tqdm(total=sum(p.total_steps for p in plans), initial=state.step,
+               disable=not (cfg.progress and accelerator.is_main_process), desc="train")
+    while state.stage_index < len(plans):
+        plan = plans[state.stage_index]
+        stage = _stage(loop, plan)
+        window = state.window = state.window or {"loss": 0.0, "loss_steps": 0, "steps": 0, "samples": 0}
+        clock = {"window_started": time.perf_counter()}  # throughput excludes evaluation
+        batches = task.steps(plan, stage_index=state.stage_index, rank=accelerator.process_index,
+                             world_size=accelerator.num_processes, start_step=state.stage_step)
+        while state.stage_step < plan.total_steps:
+            is_log_step = (state.stage_step + 1) % cfg.log_every == 0 or state.stage_step + 1 == plan.total_steps
+            step = _step(loop, plan, stage, next(batches), state, is_log_step)
+            _count(state, window, plan, step)
+            bar.update(1)
+            if is_log_step and window["steps"]:
+                bar.set_postfix(_log(loop, plan, stage, state, window, step, clock))
+            end_of_stage = state.stage_step == plan.total_steps
+            if _crossed(state.samples, plan.batch, stage.eval_every) or end_of_stage:
+                _evaluate(loop, plan, state, clock)
+            if end_of_stage:
+                state.stage_index, state.stage_step, state.window = state.stage_index + 1, 0, {}
+            _checkpoint_or_stop(loop, plan, stage, state, stop, save)
+            if end_of_stage:
+                break
+    bar.close()
+    return _finish(loop, plans, state, run_dir, earlier_sessions_s + time.perf_counter() - session_start, save)
+
+
+def _build(cfg, accelerator, task, plans, recorder, checkpoint, state) -> Loop:
+    """The model and optimizer (sharded, compiled, prepared), restored from ``checkpoint`` when resuming."""
     parallel = data_parallel(cfg, accelerator)
     model = parallel.shard(task.build_model())  # FSDP2: the optimizer must see the sharded parameters
     core_optimizer = create_optimizer(model, cfg.optimizer.name, lr=plans[0].lr,
@@ -232,166 +311,198 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
         vars(state).update(vars(load_checkpoint(accelerator, parallel, task, checkpoint)))
         log.info("resumed from %s: stage %d, step %d, %d samples seen", checkpoint, state.stage_index, state.step,
                  state.samples)
-    earlier_sessions_s = state.elapsed_s
-
-    def save() -> Path:
-        state.elapsed_s = earlier_sessions_s + time.perf_counter() - session_start
-        return save_checkpoint(accelerator, parallel, task, state, run_dir, keep=cfg.keep_checkpoints)
-
-    # ---------------------------------------------------------------- training
     noise = None
     if cfg.noise_scale and cfg.sharding == "fsdp2":
         log.info("noise_scale: not measured under sharding=fsdp2 (a rank's local gradient is not materialised)")
     elif cfg.noise_scale:
         noise = NoiseScale(cfg.noise_scale_window, state.noise)
-    total_steps = sum(p.total_steps for p in plans)
-    bar = tqdm(total=total_steps, initial=state.step, disable=not (cfg.progress and accelerator.is_main_process),
-               desc="train")
-    session_start = time.perf_counter()
-    while state.stage_index < len(plans):
-        plan = plans[state.stage_index]
-        lr_at = lr_schedule(cfg.schedule, plan)
-        eval_every = max(1, round(cfg.eval_every_epochs * plan.train_samples))  # in samples
-        checkpoint_every = (max(1, round(cfg.checkpoint_every_epochs * plan.train_samples))
-                            if cfg.checkpoint_every_epochs else None)
-        tokens_per_sample = task.tokens_per_sample(plan.seq_len)
-        flops_per_sample = task.flops_per_sample(model, plan.seq_len)
-        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-        window = state.window = state.window or {"loss": 0.0, "loss_steps": 0, "steps": 0, "samples": 0}
-        window_started = time.perf_counter()
-        batches = task.steps(plan, stage_index=state.stage_index, rank=accelerator.process_index, world_size=world,
-                             start_step=state.stage_step)
+    return Loop(cfg, accelerator, task, parallel, model, optimizer, core_optimizer, params, noise, recorder,
+                len(plans))
 
-        while state.stage_step < plan.total_steps:
-            stage_step = state.stage_step
-            micro_batches = [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in next(batches)]
-            local_count = sum(task.normaliser(mb) for mb in micro_batches)
-            global_count = accelerator.reduce(torch.as_tensor(local_count, device=device), reduction="sum").clamp(min=1)
-            totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, targets: the logged mean
-            is_log_step = (stage_step + 1) % cfg.log_every == 0 or stage_step + 1 == plan.total_steps
-            # The noise scale's small batch (largebatch/noise.py), on log steps only: [squared norm, loss units, 1]
-            measure_noise = noise is not None and is_log_step
-            small = torch.zeros(3, dtype=torch.float64, device=device) if measure_noise else None
-            if measure_noise and len(micro_batches) == 1:
-                small = _half_batch_gradient(task, model, micro_batches[0], parallel, accelerator, params)
-            for slot, mb in enumerate(micro_batches):
-                last = slot == len(micro_batches) - 1
-                with contextlib.nullcontext() if last else parallel.no_sync(model), accelerator.autocast():
-                    out = task.forward(model, mb, slot)
-                    loss = out["loss_sum"] * (world / global_count)
-                accelerator.backward(loss)
-                totals[0] += out["loss_sum"].detach().double()
-                totals[1] += out["count"]
-                if measure_noise and slot == 0 and not last:  # local, not yet all-reduced
-                    units = float(task.normaliser(mb))
-                    mean_grad_sq = _grad_sq(params, accelerator) * (float(global_count) / (world * units)) ** 2
-                    small = torch.tensor([mean_grad_sq, units, 1.0], dtype=torch.float64, device=device)
 
-            lr = lr_at(stage_step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if accelerator.scaler is not None:
-                accelerator.unscale_gradients()
-            grad_norm = global_norm(p.grad for p in params)
-            loss_sum, targets = accelerator.reduce(totals, reduction="sum")
-            step_loss = loss_sum / targets.clamp(min=1)
-            if measure_noise:
-                small_sq, small_units, ranks = accelerator.reduce(small, reduction="sum").tolist()
-                if ranks:  # the mean over the ranks that measured one
-                    noise.add(small_sq / ranks, small_units / ranks, grad_norm.item() ** 2, float(global_count),
-                              plan.batch)
-                    state.noise = noise.state_dict()
-            before = None
-            # Under fp16 the GradScaler owns infinite gradients (it skips the step and lowers the scale).
-            finite = torch.isfinite(step_loss) & (torch.isfinite(grad_norm) if accelerator.scaler is None else True)
-            if not bool(finite):
-                message = (f"non-finite {'loss' if not torch.isfinite(step_loss) else 'gradient norm'} at step "
-                           f"{state.step} (stage {plan.name}, lr {lr:.3g}): loss={step_loss.item()}, grad_norm="
-                           f"{grad_norm.item()}. Lower the learning rate, lengthen warmup, enable gradient clipping, "
-                           "or set on_nonfinite=skip to skip such steps")
-                if cfg.on_nonfinite != "skip":
-                    raise NonFiniteError(message)
-                state.skipped += 1
-                state.skipped_in_a_row += 1
-                if state.skipped_in_a_row > cfg.max_consecutive_skips:
-                    raise NonFiniteError(f"{state.skipped_in_a_row} steps in a row were non-finite "
-                                         f"(max_consecutive_skips={cfg.max_consecutive_skips}); the run is not "
-                                         f"recovering. Last: {message}")
-                log.warning("skipping step: %s", message)
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                before = [p.detach().clone() for p in params] if is_log_step else None
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.skipped_in_a_row = 0
-                window["loss"] += step_loss.item()
-                window["loss_steps"] += 1
-            state.step += 1
-            state.stage_step += 1
-            state.samples += plan.batch
-            window["steps"] += 1
-            window["samples"] += plan.batch
-            bar.update(1)
+def _stage(loop: Loop, plan) -> Stage:
+    cfg, device = loop.cfg, loop.accelerator.device
+    return Stage(
+        lr_at=lr_schedule(cfg.schedule, plan),
+        eval_every=max(1, round(cfg.eval_every_epochs * plan.train_samples)),
+        checkpoint_every=(max(1, round(cfg.checkpoint_every_epochs * plan.train_samples))
+                          if cfg.checkpoint_every_epochs else None),
+        tokens_per_sample=loop.task.tokens_per_sample(plan.seq_len),
+        flops_per_sample=loop.task.flops_per_sample(loop.model, plan.seq_len),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else str(device))
 
-            if is_log_step and window["steps"]:
-                elapsed = time.perf_counter() - window_started
-                metrics = {
-                    "step": state.step, "stage": plan.name, "epoch": stage_step / plan.steps_per_epoch,
-                    "samples": state.samples, "lr": lr, "grad_norm": grad_norm.item(),
-                    "param_norm": global_norm(params).item(), "samples_per_s": window["samples"] / elapsed,
-                    "skipped_steps": state.skipped,
-                }
-                if window["loss_steps"]:  # the mean over the window's steps that were not skipped
-                    state.last_loss = metrics["loss"] = window["loss"] / window["loss_steps"]
-                if tokens_per_sample:
-                    metrics["tokens_per_s"] = window["samples"] * tokens_per_sample / elapsed
-                metrics.update(mfu_metrics(flops_per_sample, metrics["samples_per_s"], world, device_name,
-                                           accelerator.mixed_precision))
-                if before is not None:
-                    metrics["update_norm"] = global_norm([p.detach() - b for p, b in zip(params, before)]).item()
-                metrics.update(trust_ratio_stats(core_optimizer, per_layer=cfg.per_layer_trust_ratios))
-                if noise is not None:
-                    metrics.update(noise.metrics())
-                recorder.log(metrics)
-                bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.3f}", lr=f"{lr:.2e}")
-                window.update(loss=0.0, loss_steps=0, steps=0, samples=0)
-                window_started = time.perf_counter()
 
-            end_of_stage = state.stage_step == plan.total_steps
-            if _crossed(state.samples, plan.batch, eval_every) or end_of_stage:
-                eval_started = time.perf_counter()
-                with parallel.evaluation(model):
-                    state.last_eval = task.evaluate(model, accelerator, plan)
-                recorder.log({"step": state.step, "stage": plan.name, "samples": state.samples, **state.last_eval})
-                window_started += time.perf_counter() - eval_started  # throughput excludes evaluation
-            if end_of_stage:
-                state.stage_index, state.stage_step, state.window = state.stage_index + 1, 0, {}
-            stop_now = _any_rank(accelerator, stop.signum is not None) and state.stage_index < len(plans)
-            if stop_now or (checkpoint_every and _crossed(state.samples, plan.batch, checkpoint_every)
-                            and state.stage_index < len(plans)):
-                saved = save()
-                if stop_now:
-                    raise Interrupted(f"stopped by a signal at step {state.step}; checkpoint {saved}", state.step,
-                                      stop.signum or signal.SIGTERM)
-            if end_of_stage:
-                break
-    bar.close()
-    wall = earlier_sessions_s + time.perf_counter() - session_start
-    with parallel.evaluation(model):  # not part of the training time
+def _step(loop: Loop, plan, stage: Stage, micro_batches, state, is_log_step: bool) -> Step:
+    """One optimizer step: every micro-batch's forward and backward, the lr, the gradient norm, the noise
+    scale's estimate on log steps, then the update (or, under on_nonfinite=skip, no update)."""
+    accelerator, device = loop.accelerator, loop.accelerator.device
+    micro_batches = [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in micro_batches]
+    measure_noise = loop.noise is not None and is_log_step
+    totals, global_count, small = _accumulate(loop, micro_batches, measure_noise)
+    lr = stage.lr_at(state.stage_step)
+    for group in loop.optimizer.param_groups:
+        group["lr"] = lr
+    if accelerator.scaler is not None:
+        accelerator.unscale_gradients()
+    grad_norm = global_norm(p.grad for p in loop.params)
+    loss_sum, targets = accelerator.reduce(totals, reduction="sum")
+    step_loss = loss_sum / targets.clamp(min=1)
+    if measure_noise:
+        small_sq, small_units, ranks = accelerator.reduce(small, reduction="sum").tolist()
+        if ranks:  # the mean over the ranks that measured one
+            loop.noise.add(small_sq / ranks, small_units / ranks, grad_norm.item() ** 2, float(global_count),
+                           plan.batch)
+            state.noise = loop.noise.state_dict()
+    step = Step(state.stage_step, lr, grad_norm, applied=False)
+    step.applied, step.update_norm = _update(loop, plan, state, step, step_loss, is_log_step)
+    if step.applied:
+        state.window["loss"] += step_loss.item()
+        state.window["loss_steps"] += 1
+    return step
+
+
+def _accumulate(loop: Loop, micro_batches: list[dict], measure_noise: bool):
+    """Forward and backward over the step's micro-batches (the gradient synchronised on the last only):
+    (the local [loss sum, targets], the global count that normalises the loss, the noise scale's small batch
+    [squared norm, loss units, 1] or None)."""
+    task, model, accelerator, parallel = loop.task, loop.model, loop.accelerator, loop.parallel
+    world, device = accelerator.num_processes, accelerator.device
+    local_count = sum(task.normaliser(mb) for mb in micro_batches)
+    global_count = accelerator.reduce(torch.as_tensor(local_count, device=device), reduction="sum").clamp(min=1)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, targets: the logged mean
+    small = torch.zeros(3, dtype=torch.float64, device=device) if measure_noise else None
+    if measure_noise and len(micro_batches) == 1:
+        small = _half_batch_gradient(task, model, micro_batches[0], parallel, accelerator, loop.params)
+    for slot, mb in enumerate(micro_batches):
+        last = slot == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else parallel.no_sync(model), accelerator.autocast():
+            out = task.forward(model, mb, slot)
+            loss = out["loss_sum"] * (world / global_count)
+        accelerator.backward(loss)
+        totals[0] += out["loss_sum"].detach().double()
+        totals[1] += out["count"]
+        if measure_noise and slot == 0 and not last:  # local, not yet all-reduced
+            units = float(task.normaliser(mb))
+            mean_grad_sq = _grad_sq(loop.params, accelerator) * (float(global_count) / (world * units)) ** 2
+            small = torch.tensor([mean_grad_sq, units, 1.0], dtype=torch.float64, device=device)
+    return totals, global_count, small
+
+
+def _update(loop: Loop, plan, state, step: Step, step_loss, is_log_step: bool) -> tuple[bool, float | None]:
+    """The non-finite policy and the update: (applied, the update's norm on log steps). A non-finite loss or
+    gradient norm stops the run, or under on_nonfinite=skip skips the step; under skip an update that leaves
+    a parameter non-finite is undone too (parameters and optimizer state as before it)."""
+    cfg, optimizer, params = loop.cfg, loop.optimizer, loop.params
+    where = f"at step {state.step} (stage {plan.name}, lr {step.lr:.3g})"
+    # Under fp16 the GradScaler owns infinite gradients (it skips the step and lowers the scale).
+    finite = torch.isfinite(step_loss) & (torch.isfinite(step.grad_norm) if loop.accelerator.scaler is None else True)
+    if not bool(finite):
+        _skip(loop, state, f"non-finite {'loss' if not torch.isfinite(step_loss) else 'gradient norm'} {where}: "
+              f"loss={step_loss.item()}, grad_norm={step.grad_norm.item()}. Lower the learning rate, lengthen "
+              "warmup, enable gradient clipping, or set on_nonfinite=skip to skip such steps")
+        return False, None
+    before = [p.detach().clone() for p in params] if is_log_step else None
+    undo = ([p.detach().clone() for p in params], copy.deepcopy(loop.core_optimizer.state_dict())) \
+        if cfg.on_nonfinite == "skip" else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if undo is not None and not bool(torch.isfinite(global_norm(params))):
+        with torch.no_grad():
+            for p, saved in zip(params, undo[0]):
+                p.copy_(saved)
+        loop.core_optimizer.load_state_dict(undo[1])
+        _skip(loop, state, f"the update {where} left a parameter non-finite: undone")
+        return False, None
+    state.skipped_in_a_row = 0
+    return True, (global_norm([p.detach() - b for p, b in zip(params, before)]).item() if before else None)
+
+
+def _skip(loop: Loop, state, message: str) -> None:
+    """Skip this step (on_nonfinite=skip; up to max_consecutive_skips in a row), else stop the run."""
+    cfg = loop.cfg
+    if cfg.on_nonfinite != "skip":
+        raise NonFiniteError(message)
+    state.skipped += 1
+    state.skipped_in_a_row += 1
+    if state.skipped_in_a_row > cfg.max_consecutive_skips:
+        raise NonFiniteError(f"{state.skipped_in_a_row} steps in a row were non-finite (max_consecutive_skips="
+                             f"{cfg.max_consecutive_skips}); the run is not recovering. Last: {message}")
+    log.warning("skipping step: %s", message)
+    loop.optimizer.zero_grad(set_to_none=True)
+
+
+def _count(state, window: dict, plan, step: Step) -> None:
+    state.step += 1
+    state.stage_step += 1
+    state.samples += plan.batch
+    window["steps"] += 1
+    window["samples"] += plan.batch
+
+
+def _log(loop: Loop, plan, stage: Stage, state, window: dict, step: Step, clock: dict) -> dict:
+    """The log line of the window that ends at this step; returns the progress bar's postfix."""
+    elapsed = time.perf_counter() - clock["window_started"]
+    metrics = {
+        "step": state.step, "stage": plan.name, "epoch": step.stage_step / plan.steps_per_epoch,
+        "samples": state.samples, "lr": step.lr, "grad_norm": step.grad_norm.item(),
+        "param_norm": global_norm(loop.params).item(), "samples_per_s": window["samples"] / elapsed,
+        "skipped_steps": state.skipped,
+    }
+    # the mean over the window's steps that were not skipped; none when every one was
+    state.last_loss = window["loss"] / window["loss_steps"] if window["loss_steps"] else None
+    if state.last_loss is not None:
+        metrics["loss"] = state.last_loss
+    if stage.tokens_per_sample:
+        metrics["tokens_per_s"] = window["samples"] * stage.tokens_per_sample / elapsed
+    metrics.update(mfu_metrics(stage.flops_per_sample, metrics["samples_per_s"], loop.accelerator.num_processes,
+                               stage.device_name, loop.accelerator.mixed_precision))
+    if step.update_norm is not None:
+        metrics["update_norm"] = step.update_norm
+    metrics.update(trust_ratio_stats(loop.core_optimizer, per_layer=loop.cfg.per_layer_trust_ratios))
+    if loop.noise is not None:
+        metrics.update(loop.noise.metrics())
+    loop.recorder.log(metrics)
+    window.update(loss=0.0, loss_steps=0, steps=0, samples=0)
+    clock["window_started"] = time.perf_counter()
+    return {"loss": f"{metrics.get('loss', math.nan):.3f}", "lr": f"{step.lr:.2e}"}
+
+
+def _evaluate(loop: Loop, plan, state, clock: dict) -> None:
+    started = time.perf_counter()
+    with loop.parallel.evaluation(loop.model):
+        state.last_eval = loop.task.evaluate(loop.model, loop.accelerator, plan)
+    loop.recorder.log({"step": state.step, "stage": plan.name, "samples": state.samples, **state.last_eval})
+    clock["window_started"] += time.perf_counter() - started
+
+
+def _checkpoint_or_stop(loop: Loop, plan, stage: Stage, state, stop, save) -> None:
+    """A checkpoint on its period, and on a stop signal (then :class:`Interrupted`), unless the run is done."""
+    more = state.stage_index < loop.stages
+    stop_now = _any_rank(loop.accelerator, stop.signum is not None) and more
+    if stop_now or (stage.checkpoint_every and _crossed(state.samples, plan.batch, stage.checkpoint_every) and more):
+        saved = save()
+        if stop_now:
+            raise Interrupted(f"stopped by a signal at step {state.step}; checkpoint {saved}", state.step,
+                              stop.signum or signal.SIGTERM)
+
+
+def _finish(loop: Loop, plans, state, run_dir: Path, wall: float, save) -> dict:
+    """The final evaluation, the summary (written before the last checkpoint: a full disk there must not lose
+    a finished run), the last checkpoint and the exported model."""
+    cfg, accelerator, task, model = loop.cfg, loop.accelerator, loop.task, loop.model
+    with loop.parallel.evaluation(model):  # not part of the training time
         final_eval = task.final_evaluate(model, accelerator, plans[-1], run_dir) if cfg.final_eval else {}
     if final_eval:
-        recorder.log({"step": state.step, "stage": plans[-1].name, "samples": state.samples, **final_eval})
-
-    # ---------------------------------------------------------------- records and checkpoint
+        loop.recorder.log({"step": state.step, "stage": plans[-1].name, "samples": state.samples, **final_eval})
     summary = {"steps": state.step, "samples": state.samples, "skipped_steps": state.skipped, "wall_time_s": wall,
-               "samples_per_s": state.samples / wall, "world_size": world, "optimizer": cfg.optimizer.name,
-               "precision": accelerator.mixed_precision,
+               "samples_per_s": state.samples / wall, "world_size": accelerator.num_processes,
+               "optimizer": cfg.optimizer.name, "precision": accelerator.mixed_precision,
                "batch": plans[-1].batch, "final_loss": state.last_loss, "primary_metric": task.primary.name,
                **(state.last_eval or {}), **final_eval}
-    recorder.summary(summary)  # before the checkpoint: a full disk there must not lose a finished run
+    loop.recorder.summary(summary)
     if cfg.save_checkpoint:
         save()
-        exported = parallel.exportable(model, task)  # every rank: FSDP2 gathers the shards
+        exported = loop.parallel.exportable(model, task)  # every rank: FSDP2 gathers the shards
         if accelerator.is_main_process:
             with atomic_dir(run_dir / "model") as folder:
                 task.save_model(exported, folder)

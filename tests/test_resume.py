@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -13,7 +14,7 @@ import time
 import pytest
 
 from conftest import REPO, lb
-from largebatch.checkpoint import Interrupted, checkpoint_dirs
+from largebatch.checkpoint import Interrupted, checkpoint_dirs, write_manifest
 from largebatch.errors import ConfigError
 from largebatch.tracking import TIMING_KEYS
 from largebatch.train import train
@@ -184,6 +185,9 @@ def test_torn_metric_line_and_another_world_size(compose_cfg, tmp_path, monkeypa
     checkpoint = checkpoint_dirs(tmp_path)[-1]
     state_file = checkpoint / "trainer_state.json"
     state_file.write_text(state_file.read_text().replace('"world_size": 1', '"world_size": 2'))
+    for older in checkpoint_dirs(tmp_path)[:-1]:  # only the one "written by 2 processes" is left
+        shutil.rmtree(older)
+    write_manifest(checkpoint)  # as its 2 processes would have written it: whole, not damaged
     with pytest.raises(ConfigError, match="written by 2 process"):
         train(compose_cfg("epochs=0.2", "micro_batch=16", "log_every=1", "resume=auto"), tmp_path)
 
@@ -241,3 +245,37 @@ def test_a_live_run_holds_its_folder_and_a_dead_one_frees_it(compose_cfg, tmp_pa
     train(compose_cfg("epochs=0.05", "save_checkpoint=false"), run)
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
     assert f"pid {os.getpid()} " in (run / ".lock").read_text()
+
+
+def test_skip_mode_undoes_an_update_that_blows_up_and_checkpoints_a_nan_metric(compose_cfg, tmp_path, monkeypatch):
+    """on_nonfinite=skip: an update that leaves a parameter non-finite is undone (parameters and optimizer
+    state as before it) and counted as skipped, so the run trains on; a non-finite eval metric is kept in the
+    checkpoint (JSON has no NaN) and comes back on resume."""
+    import math
+
+    import torch
+
+    from largebatch.checkpoint import read_trainer_state
+    from largebatch.tasks.mlm import MaskedLMTask
+
+    step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def blow_up_the_third(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(math.inf)
+        return out
+
+    evaluate = MaskedLMTask.evaluate
+    monkeypatch.setattr(torch.optim.AdamW, "step", blow_up_the_third)
+    monkeypatch.setattr(MaskedLMTask, "evaluate", lambda *a: {**evaluate(*a), "eval/accuracy": math.nan})
+    overrides = ["optimizer=adamw", "epochs=0.1", "log_every=1", "on_nonfinite=skip", "checkpoint_every_epochs=0.05"]
+    summary = train(compose_cfg(*overrides), tmp_path / "run")
+    assert summary["skipped_steps"] == 1 and math.isfinite(summary["final_loss"])
+    lines = records(tmp_path / "run")
+    assert all(math.isfinite(m["param_norm"]) for m in lines if "param_norm" in m)
+    assert sum(1 for m in lines if "loss" in m) == summary["steps"] - 1  # the undone step's window has no loss
+    state = read_trainer_state(checkpoint_dirs(tmp_path / "run")[-1])
+    assert math.isnan(state.last_eval["eval/accuracy"]) and state.skipped == 1
