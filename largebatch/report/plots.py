@@ -39,9 +39,11 @@ def plot_metric_vs_batch(cells: list[Cell], path: Path, unigram: dict | None = N
     """Eval loss and downstream accuracy against the batch (log2 axis), one line per optimizer (and per
     configuration, when an optimizer's runs differ in more than the batch: dotted, labelled with the keys);
     mixed-batch runs are stars at their last stage's batch; error bars are the seed-to-seed standard deviation."""
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    axes = fig.subplots(1, 2)
     panels = [("eval_loss", "eval masked-LM loss"), ("downstream_accuracy", "downstream accuracy")]
+    # a sweep without fine-tuning gets one panel, not an empty second one
+    panels = [p for p in panels if p[0] == "eval_loss" or any(c.mean(p[0]) is not None for c in cells)]
+    fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (key, label) in zip(axes, panels):
         plotted = False
         for opt in _optimizers(cells, lambda c: c.optimizer):
