@@ -163,6 +163,31 @@ def test_a_cache_folder_missing_a_piece_is_rebuilt_and_new_lengths_are_added(tmp
     assert torch.equal(build_mlm_data(cfg, VOCAB, 16, seed=0).train.sequences, data.train.sequences)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not_a_tokenizer", "config_truncated"])
+def test_a_damaged_cached_tokenizer_is_rebuilt_with_a_warning_naming_it(tmp_path, caplog, damage):
+    corpus = write_corpus(tmp_path / "corpus.txt", OLD)
+    cfg = text_cfg(tmp_path, corpus)
+    first = build_mlm_data(cfg, VOCAB, 16, seed=0)
+    cache = corpus_cache_dir(cfg, VOCAB)
+    name = "tokenizer_config.json" if damage == "config_truncated" else "tokenizer.json"
+    damaged = cache / name
+    if damage == "not_a_tokenizer":
+        damaged.write_text('{"version": "1.0"}')  # JSON, but no tokenizer in it
+    else:
+        damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # a full disk, a killed copy
+    with caplog.at_level("WARNING", logger="largebatch.data"):
+        data = build_mlm_data(cfg, VOCAB, 16, seed=0)
+    assert f"the cached tokenizer file {damaged} does not load" in caplog.text
+    assert "building the tokenizer again" in caplog.text
+    assert wordpiece.load_tokenizer(cache) is not None and len(data.tokenizer) == len(first.tokenizer)
+    assert words_seen(data) & set(OLD) and len(data.train) == len(first.train)
+    assert torch.load(cache / "seq16.pt")["tokenizer"] == wordpiece.tokenizer_id(cache)  # sequences made again
+    assert leftovers(tmp_path / "cache") == [cache.name]  # the damaged folder was replaced, nothing left beside
+    caplog.clear()
+    again = build_mlm_data(cfg, VOCAB, 16, seed=0)  # sound now: loaded, silently
+    assert torch.equal(again.train.sequences, data.train.sequences) and "does not load" not in caplog.text
+
+
 def test_bundled_cache_key_follows_the_package_files(compose_cfg, tmp_path, monkeypatch):
     from largebatch.data import sources
 

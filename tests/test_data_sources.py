@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import time
 from pathlib import Path
 
@@ -202,6 +203,45 @@ def test_bad_text_files_are_one_clear_error_naming_the_file(tmp_path, name, cont
     with pytest.raises(ConfigError, match=message) as error:
         sources.load_documents(DataConfig(name="text_files", files=[str(good), str(bad)]))
     assert "\n" not in str(error.value) and str(bad) in str(error.value)
+
+
+def test_a_directory_in_data_files_says_so_and_suggests_a_glob(tmp_path):
+    folder = tmp_path / "wikipedia"
+    _write_parquet(folder / "train-00000.parquet", WIKI_ROWS)
+    _write_parquet(folder / "train-00001.parquet", [{"text": "a book sentence ."}])
+    (folder / "README.md").write_text("not a corpus file")
+    cfg = DataConfig(name="text_files", files=[str(folder)])
+    message = re.escape(f"data.files: {folder} is a directory, but data.files takes files: list them, e.g. "
+                        f"'data.files=[{folder}/*.parquet]' (glob patterns are expanded)") + "$"
+    with pytest.raises(ConfigError, match=message):
+        sources.load_documents(cfg)
+    with pytest.raises(ConfigError, match=message):  # the cache key reads the same list first
+        sources.input_files(cfg)
+    with pytest.raises(ConfigError, match=re.escape(f"{folder} (matched by {tmp_path}/*) is a directory")):
+        sources.load_documents(DataConfig(name="text_files", files=[str(tmp_path / "*")]))
+    suggested = DataConfig(name="text_files", files=[str(folder / "*.parquet")])
+    assert sources.load_documents(suggested) == [
+        "Anarchism is a political philosophy.", "Autism is a condition.", "a book sentence ."]
+
+
+def test_hub_loader_reads_save_to_disk_folders(tmp_path):
+    import datasets
+
+    dataset = tmp_path / "saved_dataset"  # what the hub error's own advice, save_to_disk(...), writes
+    datasets.Dataset.from_dict({"text": ["first  document", "", "second document"]}).save_to_disk(str(dataset))
+    assert sources.load_documents(DataConfig(name="hub", hub_datasets=[str(dataset)])) == [
+        "first document", "second document"]
+    splits = tmp_path / "saved_dict"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["train text"]}),
+                          "test": datasets.Dataset.from_dict({"text": ["test text"]})}).save_to_disk(str(splits))
+    assert sources.hub_documents([str(splits), str(dataset)], max_documents=2) == ["train text", "first document"]
+    no_train = tmp_path / "saved_test_only"
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ["x"]})}).save_to_disk(str(no_train))
+    with pytest.raises(ConfigError, match=r"saved_test_only: the saved DatasetDict has no 'train' split \(it has test\)"):
+        sources.hub_documents([str(no_train)])
+    (dataset / "dataset_info.json").unlink()
+    with pytest.raises(ConfigError, match=re.escape(f"{dataset} looks like a `save_to_disk` folder but does not load")):
+        sources.hub_documents([str(dataset)])
 
 
 def test_hub_loader_on_local_parquet_folder(tmp_path):

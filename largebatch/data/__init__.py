@@ -6,7 +6,8 @@ corpus and split settings AND by the size, mtime and content hash of every input
 the tokenizer is trained once, every sequence length is tokenized once, and a file edited in place
 gives a new cache. A cache folder appears complete or not at all: the first build (tokenizer and the
 first ``seq{L}.pt``) is made in a temporary folder and renamed into place, each later ``seq{L}.pt`` is
-written under a temporary name and renamed; a folder without its tokenizer is rebuilt, and a
+written under a temporary name and renamed; a folder without its tokenizer, or whose tokenizer does not
+load (a truncated ``tokenizer.json``: a warning names it), is rebuilt, and a
 ``seq{L}.pt`` made by another tokenizer, or unreadable, is made again. The held-out split is by
 DOCUMENT, with a fixed seed, so it is the same for every run.
 """
@@ -157,9 +158,11 @@ class _BuiltMeanwhile(Exception):
     """Another process completed the same cache folder while this one was building it."""
 
 
-def _build_cache(data_cfg, spec: dict, seq_len: int, cache: Path):
+def _build_cache(data_cfg, spec: dict, seq_len: int, cache: Path, damaged: str | None = None):
     """The first build: documents, tokenizer and ``seq{seq_len}.pt`` in a temporary folder, renamed to
-    ``cache`` only when all of it is written (a failure leaves no folder behind)."""
+    ``cache`` only when all of it is written (a failure leaves no folder behind). ``damaged``: the
+    :func:`~largebatch.data.tokenizer.tokenizer_id` of a cached tokenizer that does not load, which this
+    build replaces (any other complete tokenizer found there was built meanwhile, and is used)."""
     docs = _split_corpus(data_cfg)
     try:
         with atomic_dir(cache) as tmp:
@@ -168,7 +171,8 @@ def _build_cache(data_cfg, spec: dict, seq_len: int, cache: Path):
             splits = _tokenize(tokenizer, docs, seq_len, data_cfg)
             _save_sequences(splits, tmp / f"seq{seq_len}.pt", wordpiece.tokenizer_id(tmp))
             atomic_write_json(tmp / MANIFEST, {**spec, "documents": {k: len(v) for k, v in docs.items()}})
-            if wordpiece.has_tokenizer(cache):  # first complete build wins: every run then uses one tokenizer
+            if wordpiece.has_tokenizer(cache) and (damaged is None or wordpiece.tokenizer_id(cache) != damaged):
+                # first complete build wins: every run then uses one tokenizer
                 raise _BuiltMeanwhile
     except _BuiltMeanwhile:
         log.info("another process built the data cache %s meanwhile: using it", cache)
@@ -188,7 +192,9 @@ def _load_or_build(data_cfg, spec: dict, seq_len: int, cache: Path):
         if cache.exists():
             log.warning("the data cache %s has no complete tokenizer: building it again", cache)
         return _build_cache(data_cfg, spec, seq_len, cache)
-    tokenizer = wordpiece.load_tokenizer(cache)
+    tokenizer = wordpiece.load_cached_tokenizer(cache)  # None: damaged, and named in a warning
+    if tokenizer is None:
+        return _build_cache(data_cfg, spec, seq_len, cache, damaged=wordpiece.tokenizer_id(cache))
     token_id = wordpiece.tokenizer_id(cache)
     seq_file = cache / f"seq{seq_len}.pt"
     splits = _load_sequences(seq_file, token_id)

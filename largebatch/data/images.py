@@ -18,15 +18,19 @@ Three sources, chosen by ``name`` (see :func:`load_image_data`):
 
 Files are in LeCun's IDX format (:func:`read_idx`). Nothing is cached on disk.
 
-``imagefolder`` (:func:`load_image_folder`, not an in-memory source) lists, without reading them, the images
-of ImageNet's train/val layout: ``<folder>/train/<class>/*.JPEG`` and ``<folder>/val/<class>/*.JPEG``
-(classes are the sorted names of train's sub-folders; torchvision's ``ImageFolder`` rules and extensions).
+``imagefolder`` (:func:`load_image_folder`, not an in-memory source) lists the images of ImageNet's
+train/val layout: ``<folder>/train/<class>/*.JPEG`` and ``<folder>/val/<class>/*.JPEG`` (classes are the
+sorted names of train's sub-folders; torchvision's ``ImageFolder`` rules and extensions; a class folder with
+no image is refused), and checks that each opens (:func:`check_images`) without decoding it.
 :func:`read_image` decodes one file to uint8 RGB, naming the file when it cannot.
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
+import os
+import time
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -39,8 +43,10 @@ import torch
 from largebatch.data.sources import package_dir
 from largebatch.errors import ConfigError, DataNotFoundError
 
+log = logging.getLogger(__name__)
+
 __all__ = ["IMAGE_FOLDER_SOURCE", "IMAGE_SOURCES", "IDX_FILES", "ImageFolderSplits", "ImageSplits",
-           "load_image_data", "load_image_folder", "read_idx", "read_image"]
+           "check_images", "load_image_data", "load_image_folder", "read_idx", "read_image"]
 
 IMAGE_SOURCES = ("mnist_5k", "fashion_mnist", "idx_folder")
 IMAGE_FOLDER_SOURCE = "imagefolder"  # read file by file (load_image_folder), not into memory
@@ -303,7 +309,8 @@ def _list_split(split_dir: Path, class_to_idx: dict[str, int]) -> tuple[list[str
 
 
 def load_image_folder(folder: str | Path | None, max_train: int | None = None) -> ImageFolderSplits:
-    """The files and labels of ``folder``'s ``train/<class>/`` and ``val/<class>/`` images (nothing is read).
+    """The files and labels of ``folder``'s ``train/<class>/`` and ``val/<class>/`` images (each used file's
+    header is checked once, :func:`check_images`; none is decoded).
 
     ``max_train`` keeps a fixed random subset of N training images (seed 1234, independent of the training
     seed), spread over the classes; the held-out set is never cut."""
@@ -333,11 +340,58 @@ def load_image_folder(folder: str | Path | None, max_train: int | None = None) -
         if not files:
             raise ConfigError(f"{folder / split} has class folders but no images in them (extensions: "
                               f"{', '.join(IMG_EXTENSIONS)})")
+    counts = torch.bincount(train_labels, minlength=len(classes)).tolist()
+    empty = [str(folder / "train" / name) for name, count in zip(classes, counts) if count == 0]
+    if empty:  # each would be a class that no image trains, yet counted in num_classes
+        raise ConfigError(f"the class folder(s) {', '.join(_first(empty))} hold no images (extensions: "
+                          f"{', '.join(IMG_EXTENSIONS)}), so each would add a class that nothing trains: put "
+                          "that class's images in it, or remove the folder")
     if max_train is not None and max_train < len(train_files):
         order = torch.randperm(len(train_files), generator=torch.Generator().manual_seed(SPLIT_SEED))
         keep = order[:max_train].sort().values
         train_files, train_labels = [train_files[i] for i in keep.tolist()], train_labels[keep]
+    check_images(train_files + eval_files)
     return ImageFolderSplits(train_files, train_labels, eval_files, eval_labels, classes, str(folder))
+
+
+def _first(items: list[str], limit: int = 20) -> list[str]:
+    """At most ``limit`` of ``items``, then "and N more"."""
+    return items if len(items) <= limit else [*items[:limit], f"and {len(items) - limit} more"]
+
+
+def check_images(files: list[str]) -> None:
+    """Every file opens as an image (PIL's ``open`` and ``verify``: the header, and for PNG every chunk's CRC;
+    a file whose format PIL does not know is decoded as :func:`read_image` would), checked once, before
+    training: bad files are one ConfigError naming each, not a crash when a step reaches one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = time.perf_counter()
+    batches = [files[i:i + 512] for i in range(0, len(files), 512)]  # one task per batch: few futures for 1M files
+    with ThreadPoolExecutor(max_workers=min(16, 2 * (os.cpu_count() or 1))) as pool:
+        found = pool.map(lambda batch: [_image_problem(path) for path in batch], batches)
+        problems = [problem for batch in found for problem in batch if problem is not None]
+    log.info("checked %d image files in %.1f s", len(files), time.perf_counter() - start)
+    if problems:
+        raise ConfigError(f"{len(problems)} image file(s) cannot be read: {'; '.join(_first(problems))}; "
+                          "replace or delete them (each is listed with its error)")
+
+
+def _image_problem(path: str) -> str | None:
+    """None when ``path`` reads as an image, else "<path> (<why>)"."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return None
+    except UnidentifiedImageError:  # a format this PIL build lacks (e.g. WebP) may still decode with torchvision
+        try:
+            read_image(path)
+            return None
+        except ConfigError:
+            return f"{path} (not an image format that PIL or torchvision reads)"
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... for damaged files
+        return f"{path} ({' '.join(f'{type(error).__name__}: {error}'.split())[:120]})"
 
 
 def read_image(path: str | Path) -> torch.Tensor:

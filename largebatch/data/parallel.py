@@ -97,13 +97,25 @@ def text_file_splits(folder: str | Path, src_lang: str, tgt_lang: str, prefixes:
         if missing:
             raise DataNotFoundError(f"data.source=text_files: {', '.join(missing)} not found; data.folder holds "
                                     "{prefix}.{lang} files with one sentence a line (data.prefixes names them)")
-        lines = [p.read_text(encoding="utf-8").splitlines() for p in paths]
+        lines = [_read_lines(p) for p in paths]
         if len(lines[0]) != len(lines[1]):
             raise ConfigError(f"{paths[0]} has {len(lines[0])} lines but {paths[1]} has {len(lines[1])}: "
                               "parallel files must be line-aligned")
         splits[split] = [(s.strip(), t.strip()) for s, t in zip(*lines) if s.strip() and t.strip()]
         files += paths
     return ParallelSplits(**splits, input_files=files, description=f"text files in {folder} ({src_lang} -> {tgt_lang})")
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; bytes that are not UTF-8 are a ConfigError naming the file and line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.start}, line {line}: a binary file, or another "
+                          f"encoding?): convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or point data.folder "
+                          "at UTF-8 copies") from None
 
 
 def hub_splits(dataset: str, config: str | None, src_lang: str, tgt_lang: str, split_names: dict[str, str],
@@ -179,12 +191,17 @@ def cache_folder(data_cfg, splits: ParallelSplits) -> Path:
 
 
 def load_or_train_bpe(splits: ParallelSplits, vocab_size: int, folder: Path):
-    """The cached tokenizer in ``folder``, trained on the training pairs of both languages the first time."""
+    """The cached tokenizer in ``folder``, trained on the training pairs of both languages the first time
+    (and again, with a warning naming the file, when the cached one does not load: truncated, edited)."""
     from tokenizers import Tokenizer
 
     path = Path(folder) / "tokenizer.json"
     if path.is_file():
-        return Tokenizer.from_file(str(path))
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as error:  # any damage: the file is a cache, made again below
+            reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+            log.warning("the cached tokenizer %s does not load (%s): training it again", path, reason)
     texts = [text for pair in splits.train for text in pair]
     log.info("training a %d-token BPE vocabulary on %d training sentences", vocab_size, len(texts))
     tokenizer = train_bpe(texts, vocab_size)

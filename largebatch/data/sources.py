@@ -13,7 +13,8 @@ Three routes, chosen by ``data.name`` (see :func:`load_documents`):
 ``text_files``: local files in the formats the paper-scale corpora are distributed in (.txt, .json/.jsonl,
     .parquet), read with HF ``datasets``.
 ``hub``: ``datasets.load_dataset`` on hub ids (``wikimedia/wikipedia:20231101.en``,
-    ``bookcorpus/bookcorpus``), for machines that reach the hub or have it cached.
+    ``bookcorpus/bookcorpus``), for machines that reach the hub or have it cached, or on local dataset
+    folders (one written by ``save_to_disk`` is read with ``datasets.load_from_disk``).
 
 Every loader returns whitespace-normalised, non-empty documents in a deterministic order; callers cache
 tokenised results downstream, so nothing here is cached beyond the process.
@@ -188,10 +189,7 @@ _COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".lz4"}
 
 
 def _builder_for(path: str) -> str:
-    suffixes = [s.lower() for s in Path(path).suffixes]
-    while suffixes and suffixes[-1] in _COMPRESSION:
-        suffixes.pop()
-    builder = _BUILDERS.get(suffixes[-1] if suffixes else "")
+    builder = _BUILDERS.get(_suffix(path))
     if builder is None:
         raise ConfigError(
             f"{path}: unsupported file type; use one of {sorted(_BUILDERS)} (optionally compressed)"
@@ -204,6 +202,8 @@ def _expand(files: list[str]) -> list[str]:
     for pattern in files:
         matches = sorted(glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else [pattern]
         for path in matches or [pattern]:
+            if os.path.isdir(os.path.expanduser(path)):
+                raise ConfigError(_directory_message(path, pattern))
             if not os.path.isfile(os.path.expanduser(path)):
                 raise DataNotFoundError(
                     f"data file not found: {path}. Point data.files=[...] at local copies of the corpus "
@@ -211,6 +211,33 @@ def _expand(files: list[str]) -> list[str]:
                 )
             paths.append(os.path.expanduser(path))
     return paths
+
+
+def _directory_message(path: str, pattern: str) -> str:
+    """data.files names files; a folder (or a pattern that matches one) gets a glob over its corpus files."""
+    found = [_full_suffix(name) for name in sorted(os.listdir(os.path.expanduser(path)))]
+    counts = {s: found.count(s) for s in dict.fromkeys(found) if s}
+    suffix = max(counts, key=counts.get) if counts else ".txt"  # the most common corpus file type in it
+    matched = f" (matched by {pattern})" if pattern != path else ""
+    return (f"data.files: {path}{matched} is a directory, but data.files takes files: list them, e.g. "
+            f"'data.files=[{os.path.join(path.rstrip('/'), '*' + suffix)}]' (glob patterns are expanded)")
+
+
+def _suffix(name: str) -> str:
+    """A file name's corpus suffix, compression suffixes dropped ('wiki.jsonl.gz' -> '.jsonl')."""
+    suffixes = [s.lower() for s in Path(name).suffixes]
+    while suffixes and suffixes[-1] in _COMPRESSION:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+def _full_suffix(name: str) -> str:
+    """A corpus file's suffix as written, compression included ('wiki.jsonl.gz' -> '.jsonl.gz'); '' for others."""
+    suffixes = Path(name).suffixes
+    kept = len(suffixes)
+    while kept and suffixes[kept - 1].lower() in _COMPRESSION:
+        kept -= 1
+    return "".join(suffixes[kept - 1:]) if kept and suffixes[kept - 1].lower() in _BUILDERS else ""
 
 
 def _column(dataset, text_column: str, where: str) -> list[str]:
@@ -357,11 +384,10 @@ def hub_documents(
 ) -> list[str]:
     """The ``train`` split's ``text_column`` of each dataset (hub id, ``id:config`` or a local folder).
 
-    Paper-scale corpora hold millions of documents; this materialises them as one list, so give such
-    runs the memory, or cap them with ``max_documents``.
+    A local folder written by ``save_to_disk`` is read with ``datasets.load_from_disk`` (a DatasetDict: its
+    ``train`` split). Paper-scale corpora hold millions of documents; this materialises them as one list, so
+    give such runs the memory, or cap them with ``max_documents``.
     """
-    import datasets
-
     if not dataset_ids:
         raise ConfigError("data=hub needs data.hub_datasets=[...], e.g. [wikimedia/wikipedia:20231101.en]")
     documents: list[str] = []
@@ -373,18 +399,55 @@ def hub_documents(
                 f"the dataset hub is unreachable from this machine, so {spec!r} cannot be loaded: "
                 + _HUB_HELP.format(id=dataset_id)
             )
-        try:  # a local folder is prepared afresh, as in text_file_documents
-            dataset = datasets.load_dataset(dataset_id, config, split="train", download_mode=_FRESH if local else None)
-        except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
-            where = "locally" if local else "on the hub or in the local cache (HF_HUB_OFFLINE is set?)"
-            raise DataNotFoundError(
-                f"could not load dataset {spec!r} {where}: {error}. " + _HUB_HELP.format(id=dataset_id)
-            ) from error
+        if local and _saved_to_disk(dataset_id):
+            dataset = _load_from_disk(dataset_id, spec)
+        else:
+            dataset = _load_hub_dataset(dataset_id, config, spec, local)
         if _add_documents(documents, _column(dataset, text_column, spec), max_documents, (
                 f"dataset {spec!r} yields no documents (no row with a non-empty {text_column!r} value): set "
                 f"data.text_column to its text column, or remove it from data.hub_datasets=[...]")):
             return documents[:max_documents]
     return documents
+
+
+def _load_hub_dataset(dataset_id: str, config: str | None, spec: str, local: bool):
+    import datasets
+
+    try:  # a local folder is prepared afresh, as in text_file_documents
+        return datasets.load_dataset(dataset_id, config, split="train", download_mode=_FRESH if local else None)
+    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
+        where = "locally" if local else "on the hub or in the local cache (HF_HUB_OFFLINE is set?)"
+        raise DataNotFoundError(
+            f"could not load dataset {spec!r} {where}: {error}. " + _HUB_HELP.format(id=dataset_id)
+        ) from error
+
+
+# What ``save_to_disk`` writes beside the arrow files: a Dataset's folder (with dataset_info.json), a DatasetDict's.
+_SAVED_MARKERS = ("state.json", "dataset_dict.json")
+
+
+def _saved_to_disk(path: str) -> bool:
+    return any((Path(path) / name).is_file() for name in _SAVED_MARKERS)
+
+
+def _load_from_disk(path: str, spec: str):
+    """A ``save_to_disk`` folder (``datasets.load_dataset`` refuses those): a Dataset whole, a DatasetDict's
+    ``train`` split."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(path)
+    except (OSError, ValueError, KeyError, datasets.exceptions.DatasetGenerationError) as error:
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        raise ConfigError(f"{path} looks like a `save_to_disk` folder but does not load with "
+                          f"datasets.load_from_disk ({reason}): save it again, or remove it from "
+                          "data.hub_datasets=[...]") from error
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise ConfigError(f"{spec}: the saved DatasetDict has no 'train' split (it has {', '.join(loaded)}): "
+                              "save the training split under 'train', e.g. DatasetDict(train=...).save_to_disk(...)")
+        return loaded["train"]
+    return loaded
 
 
 # ---------------------------------------------------------------------------- dispatch

@@ -9,6 +9,8 @@ check that real words survive a round trip.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import shutil
 import tempfile
@@ -16,6 +18,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertTokenizerFast
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # What ``save_pretrained`` writes; a folder holds a tokenizer only when it has all of them.
@@ -71,10 +75,32 @@ def load_tokenizer(folder: Path) -> BertTokenizerFast:
     return BertTokenizerFast.from_pretrained(folder)
 
 
+def load_cached_tokenizer(folder: Path) -> BertTokenizerFast | None:
+    """The tokenizer saved in the cache ``folder``, or None, with a warning naming the damaged file, when it
+    does not load (a truncated or edited ``tokenizer.json``): the caller builds it again."""
+    folder = Path(folder)
+    for name in TOKENIZER_FILES:  # a file that is not JSON is named itself; other damage names tokenizer.json
+        try:
+            json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            return _damaged(folder / name, error)
+    try:
+        return load_tokenizer(folder)
+    except Exception as error:  # whatever transformers / tokenizers raise for a file they cannot use
+        return _damaged(folder / "tokenizer.json", error)
+
+
+def _damaged(path: Path, error: BaseException) -> None:
+    reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+    log.warning("the cached tokenizer file %s does not load (%s): building the tokenizer again", path, reason)
+    return None
+
+
 def load_or_train_tokenizer(documents: list[str], vocab_size: int, cache_dir: Path) -> BertTokenizerFast:
-    """Train on ``documents`` once; later calls with the same cache_dir load the saved tokenizer."""
-    if has_tokenizer(cache_dir):
-        return load_tokenizer(cache_dir)
+    """Train on ``documents`` once; later calls with the same cache_dir load the saved tokenizer (trained
+    again, with a warning, when it does not load)."""
+    if has_tokenizer(cache_dir) and (tokenizer := load_cached_tokenizer(cache_dir)) is not None:
+        return tokenizer
     tokenizer = train_wordpiece(documents, vocab_size)
     save_tokenizer(tokenizer, cache_dir)
     return load_tokenizer(cache_dir)
