@@ -88,10 +88,10 @@ def sgd_lr(runner: Runner, work: Path) -> tuple[float, dict]:
     return chosen, {f"{lr:g}": s for lr, s in scores.items()}
 
 
-def arm_jobs(arm: str, lr: float, work: Path) -> dict:
+def arm_jobs(arm: str, lr: float, work: Path, rungs=RUNGS) -> dict:
     jobs = {("base", BASE, s): Job(overrides(arm, "legw", lr, BASE, s), work / arm / "runs" / "base" / f"batch={BASE},seed={s}")
             for s in BASE_SEEDS}
-    for b in RUNGS:
+    for b in rungs:
         for rule in RULE_NAMES:
             for s in SEEDS:
                 jobs[rule, b, s] = Job(overrides(arm, rule, lr, b, s), work / arm / "runs" / rule / f"batch={b},seed={s}")
@@ -141,7 +141,7 @@ def render(arms: dict, results: Path, elapsed_s: float) -> str:
     for arm, a in arms.items():
         for b, gap in sorted(a.get("gaps", {}).items(), reverse=True):
             if gap is None:
-                heads.append(f"- **{arm}, batch {b}**: not enough finished seeds for an interval yet.")
+                heads.append(f"- **{arm}, batch {b}**: not run, or too few finished seeds for an interval.")
             elif gap.lo > 0:
                 heads.append(f"- **{arm}, batch {b}**: LEGW's warmup is better than sqrt alone by {gap.gap:.4f} "
                              f"[{gap.lo:.4f}, {gap.hi:.4f}] test accuracy: warmup-in-epochs matters here.")
@@ -168,6 +168,8 @@ def main(argv=None) -> Path:
     parser.add_argument("--out", default=str(REPO / "results" / "legw" / "warmup_ablation"))
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads a run (default: cores / jobs)")
+    parser.add_argument("--rungs", default=",".join(map(str, RUNGS)), help="the rungs to train (default: both); "
+                        "the report shows every rung with finished runs")
     parser.add_argument("--report", action="store_true", help="train nothing: render the runs finished so far")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
@@ -186,7 +188,8 @@ def main(argv=None) -> Path:
                 log.info("sgd arm: lr %g (validation accuracy by lr: %s)", a["lr"], record["sgd_sweep"])
             a["jobs"] = arm_jobs(arm, a["lr"], work)
             if not args.report:
-                runner.run_many(list(a["jobs"].values()))
+                wanted = {int(b) for b in args.rungs.split(",")} | {BASE}
+                runner.run_many([job for (_, b, _), job in a["jobs"].items() if b in wanted])
     t0 = time.time()
     spe = {}
     for a in arms.values():
