@@ -53,7 +53,6 @@ _FAILED_JOBS: list[tuple[str, str]] = []  # (run folder, reason) of the sweep jo
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _train_task(cfg: DictConfig):
     from largebatch.checkpoint import Interrupted
-    from largebatch.fileio import atomic_write_json
     from largebatch.train import train
 
     hydra_cfg = HydraConfig.get()
@@ -65,6 +64,7 @@ def _train_task(cfg: DictConfig):
               f"hydra.run.dir={run_dir}", file=sys.stderr)
         raise SystemExit(interrupted.exit_code) from None
     except Exception as error:
+        _record_refusal(run_dir, cfg, error)
         if hydra_cfg.mode.name != "MULTIRUN":
             if isinstance(error, LargebatchError):
                 fail(error)
@@ -72,13 +72,27 @@ def _train_task(cfg: DictConfig):
         # A sweep goes on: the job's folder and the log say why it failed; the CLI exits non-zero at the end.
         reason = f"{type(error).__name__}: {error}"
         log.error("sweep job %s failed: %s", run_dir, reason, exc_info=not isinstance(error, LargebatchError))
-        if not (run_dir / "status.json").exists():  # failed before the run wrote anything
-            atomic_write_json(run_dir / "status.json", {"status": "failed", "error": reason})
         _FAILED_JOBS.append((str(run_dir), reason))
         if "SUBMITIT_EXECUTOR" in os.environ:  # a job of its own: fail it, so the launching lb-train exits 1
             raise
         return None
     return summary.get(summary["primary_metric"])  # what a Hydra sweeper optimises
+
+
+def _record_refusal(run_dir: Path, cfg, error: Exception) -> None:
+    """A command refused before its run wrote anything leaves its reason (and its config) in the folder Hydra
+    created for it, so lb-report can list why; a folder that holds another run is never touched."""
+    from largebatch.fileio import atomic_write_json
+    from largebatch.tracking import write_hydra_records
+
+    # only the folder Hydra made for this command: empty but for Hydra's log of the command (cli.log)
+    if not run_dir.is_dir() or any(p.suffix != ".log" for p in run_dir.iterdir()):
+        return
+    try:
+        write_hydra_records(run_dir, cfg)
+        atomic_write_json(run_dir / "status.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+    except OSError:
+        pass  # a folder that cannot be written: the error line still says why
 
 
 def _check_output_dirs(argv: list[str]) -> None:

@@ -92,6 +92,7 @@ class RunRecorder:
         except OSError as error:
             raise ConfigError(f"cannot write the run folder {self.run_dir}: {error.strerror}; choose a writable "
                               "hydra.run.dir") from None
+        write_hydra_records(self.run_dir, cfg)
         self.status("running")
         # the first session's env.json stays; a resumed session records its own next to it
         env_name = "env.json" if resume_step is None else f"env.resumed_at_step_{resume_step}.json"
@@ -147,6 +148,21 @@ def _step_of(line: str) -> float:
         return json.loads(line).get("step", 0)
     except ValueError:
         return math.inf
+
+
+def write_hydra_records(run_dir: Path, cfg) -> None:
+    """``.hydra/config.yaml`` (as composed) and ``.hydra/overrides.yaml`` (the command's overrides) of an
+    lb-train run, written by the trainer once the folder is accepted (Hydra's own copy is off:
+    conf/hydra/default.yaml). Nothing outside an lb-train command."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    folder = Path(run_dir) / ".hydra"
+    folder.mkdir(exist_ok=True)
+    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(
+        list(HydraConfig.get().overrides.task))))
 
 
 def _finite(record: dict) -> dict:

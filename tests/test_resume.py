@@ -150,7 +150,28 @@ def test_bad_values_are_one_error_line_and_write_nothing(tmp_path, override, mes
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("error:") and message in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "status.json").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "config.yaml").exists()
+    if (tmp_path / "run").is_dir():  # the folder Hydra made for it keeps the reason, for lb-report
+        status = json.loads((tmp_path / "run" / "status.json").read_text())
+        assert status["status"] == "failed" and message in status["error"]
+        assert override in (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_a_refused_command_leaves_the_run_it_refuses_untouched(tmp_path):
+    """lb-train into a folder that holds a finished run (no resume, no overwrite) is refused, and the run's
+    files are as they were: Hydra's own .hydra/ copy is off, the trainer writes it only once it accepts."""
+    run = tmp_path / "run"
+    first = [lb("lb-train"), "scale=tiny", "progress=false", "epochs=0.02", "save_checkpoint=false",
+             f"hydra.run.dir={run}"]
+    subprocess.run(first, cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert "epochs=0.02" in (run / ".hydra" / "overrides.yaml").read_text()
+    proc = subprocess.run([*first[:3], "epochs=0.05", *first[4:]], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    kept = {".lock", "cli.log"}  # Hydra's log of the commands run in the folder records the refused one too
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name not in kept}
+    assert after == {k: v for k, v in before.items() if k.name not in kept}
 
 
 def test_stateful_lm_resumes_mid_epoch_exactly(tmp_path, monkeypatch):
