@@ -10,6 +10,7 @@ Data order and masks are functions of (seed, epoch, sample), so the position is 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from largebatch.errors import ConfigError, LargebatchError
+from largebatch.errors import ConfigError, DiskFullError, LargebatchError
 from largebatch.fileio import atomic_write_json, replace_dir
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,18 @@ def save_checkpoint(accelerator, parallel, task, state: TrainerState, run_dir: P
     FSDP2's model and optimizer shards."""
     final = Path(run_dir) / CHECKPOINTS / f"step_{state.step:08d}"
     tmp = final.with_name(f".{final.name}.tmp")
+    try:
+        return _save(accelerator, parallel, task, state, run_dir, keep, final, tmp)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial checkpoint: its space back
+        raise DiskFullError(f"the disk is full: writing checkpoint {final.name} of {run_dir} failed (the older "
+                            f"checkpoints are whole); free space, then continue with resume=auto "
+                            f"hydra.run.dir={run_dir}") from None
+
+
+def _save(accelerator, parallel, task, state: TrainerState, run_dir: Path, keep: int, final: Path, tmp: Path) -> Path:
     state.world_size = accelerator.num_processes
     if accelerator.is_main_process:
         for stale in final.parent.glob(".step_*.tmp"):  # left by a killed session

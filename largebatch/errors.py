@@ -18,6 +18,10 @@ class DataNotFoundError(LargebatchError):
     """A dataset's files are absent; the message names the package or path that provides them."""
 
 
+class DiskFullError(LargebatchError):
+    """The disk filled while a run wrote its records or a checkpoint; the message says how to resume."""
+
+
 class NonFiniteError(LargebatchError):
     """Loss or gradient norm became inf/nan during training."""
 

@@ -11,6 +11,7 @@ Only the main process writes; the other ranks get a recorder that does nothing.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -74,6 +75,9 @@ def environment(world_size: int = 1, device: str = "cpu") -> dict:
             "hardware": device_info()}
 
 
+DISK_FULL_STATUS = ".status.disk_full.json"  # status.json to swap in when the disk is too full to write one
+
+
 class RunRecorder:
     """Writes a run's records. ``resume_step``: continue a run's records, keeping the metric lines up to
     that step (lines a killed session wrote after its last checkpoint are dropped: the resumed run
@@ -93,6 +97,9 @@ class RunRecorder:
             raise ConfigError(f"cannot write the run folder {self.run_dir}: {error.strerror}; choose a writable "
                               "hydra.run.dir") from None
         write_hydra_records(self.run_dir, cfg)
+        # written now, while there is space: status() swaps it in (a rename needs none) if the disk fills
+        atomic_write_json(self.run_dir / DISK_FULL_STATUS, {"status": "failed", "error": (
+            "DiskFullError: the disk filled while this run wrote its records; free space, then resume=auto")})
         self.status("running")
         # the first session's env.json stays; a resumed session records its own next to it
         env_name = "env.json" if resume_step is None else f"env.resumed_at_step_{resume_step}.json"
@@ -108,10 +115,18 @@ class RunRecorder:
             self._wandb = _start_wandb(cfg, self.run_dir, resume=resume_step is not None)
 
     def status(self, status: str, **details) -> None:
-        """status.json: running (written first), then finished, failed or interrupted (written last)."""
-        if self.enabled:
+        """status.json: running (written first), then finished, failed or interrupted (written last). On a
+        full disk a failure is recorded by renaming the pre-written one into place."""
+        if not self.enabled:
+            return
+        try:
             atomic_write_json(self.run_dir / "status.json", {"status": status, "time": time.strftime(
                 "%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(), **_finite(details)})
+        except OSError as error:
+            spare = self.run_dir / DISK_FULL_STATUS
+            if error.errno != errno.ENOSPC or status == "finished" or not spare.is_file():
+                raise
+            os.replace(spare, self.run_dir / "status.json")
 
     def plan(self, plans: list) -> None:
         if self.enabled:

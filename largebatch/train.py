@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import logging
 import math
@@ -48,7 +49,7 @@ from largebatch.checkpoint import (
 from largebatch.config import optimizer_options, validate
 from largebatch.device import resolve_device_type, resolve_precision
 from largebatch.distributed import adopt_cluster_environment, check_launch, data_parallel
-from largebatch.errors import ConfigError, NonFiniteError
+from largebatch.errors import ConfigError, DiskFullError, NonFiniteError
 from largebatch.fileio import atomic_dir
 from largebatch.flops import mfu_metrics
 from largebatch.noise import NoiseScale
@@ -200,8 +201,14 @@ def train(cfg, run_dir: Path) -> dict:
         recorder.close()
         raise
     except BaseException as error:
-        recorder.status("failed", error=f"{type(error).__name__}: {error}", step=state.step)
-        recorder.close()
+        full = isinstance(error, OSError) and error.errno == errno.ENOSPC  # a record's write, not a checkpoint's
+        reason = DiskFullError(f"the disk is full ({error}); free space, then continue with resume=auto "
+                               f"hydra.run.dir={run_dir}") if full else error
+        recorder.status("failed", error=f"{type(reason).__name__}: {reason}", step=state.step)
+        with contextlib.suppress(OSError):
+            recorder.close()
+        if full:
+            raise reason from None
         raise
     else:
         recorder.status("finished", step=summary["steps"])

@@ -300,3 +300,43 @@ def test_skip_mode_undoes_an_update_that_blows_up_and_checkpoints_a_nan_metric(c
     assert sum(1 for m in lines if "loss" in m) == summary["steps"] - 1  # the undone step's window has no loss
     state = read_trainer_state(checkpoint_dirs(tmp_path / "run")[-1])
     assert math.isnan(state.last_eval["eval/accuracy"]) and state.skipped == 1
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_error_with_the_failure_recorded(compose_cfg, tmp_path, monkeypatch):
+    """ENOSPC while the second checkpoint is written: the partial folder is removed, status.json says failed
+    (swapped in from a file written while there was space), one DiskFullError says how to resume, and once
+    space is back resume=auto finishes the run."""
+    import errno
+
+    from largebatch import checkpoint as ckpt
+    from largebatch import tracking
+    from largebatch.errors import DiskFullError
+
+    save, write, full = ckpt._save, tracking.atomic_write_json, {"calls": 0, "now": False}
+
+    def save_until_full(accelerator, parallel, task, state, run_dir, keep, final, tmp):
+        full["calls"] += 1
+        if full["calls"] == 2:
+            tmp.mkdir(parents=True)
+            (tmp / "model.safetensors").write_bytes(b"half")
+            full["now"] = True
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(accelerator, parallel, task, state, run_dir, keep, final, tmp)
+
+    def write_unless_full(path, obj):
+        if full["now"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(path, obj)
+
+    monkeypatch.setattr(ckpt, "_save", save_until_full)
+    monkeypatch.setattr(tracking, "atomic_write_json", write_unless_full)
+    run = tmp_path / "run"
+    overrides = ["epochs=0.2", "checkpoint_every_epochs=0.05"]
+    with pytest.raises(DiskFullError, match="the disk is full: writing checkpoint step_.* failed .*resume=auto"):
+        train(compose_cfg(*overrides), run)
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "failed" and "DiskFullError" in status["error"]
+    assert not list((run / "checkpoints").glob(".step_*")) and len(checkpoint_dirs(run)) == 1
+    monkeypatch.undo()
+    train(compose_cfg(*overrides, "resume=auto"), run)
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
