@@ -91,39 +91,46 @@ def cell(values: list, n_planned: int) -> str:
     return text + (f" ({n_planned - len(v)} of {n_planned} not finite or not run)" if len(v) < n_planned else "")
 
 
-def lr_section(jobs: dict) -> tuple[list[str], list[str], dict]:
+def lr_section(jobs: dict, floor: float | None = None) -> tuple[list[str], list[str], dict]:
+    """The lr robustness table: each (optimizer, multiplier) cell with its verdict against the optimizer's own
+    best multiplier (within the margin), the ranges held, and the headline per optimizer; a cell no better
+    than the unigram baseline (``floor``) is marked: that model learned nothing but token frequencies."""
     vals = {key: test_loss(job.run_dir) for key, job in jobs.items()}
-    rows, heads, record = [], [], {}
+    heads, record, verdicts = [], {}, {}
     for opt in OPTIMIZERS:
-        by_m = {m: [vals[opt, m, s] for s in SEEDS] for m in MULTIPLIERS}
-        means = {m: sum(v) / len(v) for m, v in ((m, [x for x in v if x is not None]) for m, v in by_m.items()) if v}
+        by_m = {m: [x for x in (vals[opt, m, s] for s in SEEDS) if x is not None] for m in MULTIPLIERS}
+        means = {m: sum(v) / len(v) for m, v in by_m.items() if v}
         if not means:
             continue
         best = min(means, key=means.get)
-        verdicts = {m: P.verdict([x for x in by_m[m] if x is not None], [x for x in by_m[best] if x is not None],
-                                 T1.MARGIN_NATS, False) for m in MULTIPLIERS}
-        held = [m for m in MULTIPLIERS if verdicts[m].word == "holds"]
-        possible = [m for m in MULTIPLIERS if verdicts[m].word not in ("fails", "missing")]
+        for m in MULTIPLIERS:
+            verdicts[opt, m] = P.verdict(by_m[m], by_m[best], T1.MARGIN_NATS, False) if m != best else None
+        held = [m for m in MULTIPLIERS if m == best or verdicts[opt, m].word == "holds"]
+        possible = [m for m in MULTIPLIERS if m == best or verdicts[opt, m].word not in ("fails", "missing")]
         record[opt] = {"best": best, "holds": held, "not_failing": possible,
-                       "by_multiplier": {f"{m:g}": by_m[m] for m in MULTIPLIERS}}
+                       "by_multiplier": {f"{m:g}": [vals[opt, m, s] for s in SEEDS] for m in MULTIPLIERS},
+                       "verdicts": {f"{m:g}": verdicts[opt, m].text() if verdicts[opt, m] else "best"
+                                    for m in MULTIPLIERS}}
         heads.append(f"- **{opt}**: best at {best:g}x the sqrt rule's lr ({means[best]:.4f} nats); within "
-                     f"{T1.MARGIN_NATS} nats of it, proven at {', '.join(f'{m:g}x' for m in held) or 'none'}; not "
-                     f"ruled out at {', '.join(f'{m:g}x' for m in possible)}.")
-        record[opt]["verdicts"] = {f"{m:g}": verdicts[m].text() for m in MULTIPLIERS}
-    for m in MULTIPLIERS:
-        rows.append(f"| {m:g}x | " + " | ".join(
-            f"{cell([vals[opt, m, s] for s in SEEDS], len(SEEDS))}"
-            + (f" {v.mark} {v.text()}" if (v := P.verdict([x for x in (vals[opt, m, s] for s in SEEDS) if x is not None],
-                                                          [x for x in record.get(opt, {}).get('by_multiplier', {})
-                                                           .get(f"{record[opt]['best']:g}", []) if x is not None],
-                                                          T1.MARGIN_NATS, False)) and opt in record else "")
-            for opt in OPTIMIZERS) + " |")
+                     f"{T1.MARGIN_NATS} nats of it, proven at {', '.join(f'{m:g}x' for m in held)}; not ruled out "
+                     f"at {', '.join(f'{m:g}x' for m in possible)}.")
     if len(record) == 2:
-        wider = {opt: max(r["holds"]) / min(r["holds"]) if r["holds"] else 0 for opt, r in record.items()}
-        heads.append(f"- The proven range spans {wider['lamb']:g}x for LAMB and {wider['adamw']:g}x for AdamW "
-                     "(largest / smallest multiplier held)." if all(wider.values()) else
-                     "- One optimizer holds no multiplier but its best with certainty: more seeds would tell.")
-    table = ["| lr / sqrt rule | " + " | ".join(OPTIMIZERS) + " |", "|---|---|---|", *rows]
+        span = {opt: max(r["holds"]) / min(r["holds"]) for opt, r in record.items()}
+        heads.append(f"- The proven range spans {span['lamb']:g}x for LAMB and {span['adamw']:g}x for AdamW "
+                     "(largest / smallest multiplier held, the best included).")
+
+    def cell_of(opt: str, m: float) -> str:
+        text = cell([vals[opt, m, s] for s in SEEDS], len(SEEDS))
+        v = verdicts.get((opt, m))
+        seeds = [x for x in (vals[opt, m, s] for s in SEEDS) if x is not None]
+        if floor is not None and seeds and not P.beats_baseline(seeds, floor, higher_is_better=False):
+            text += " ⚠ not below the unigram"
+        if opt in record and v is None:
+            return text + " (best)"
+        return text + (f" {v.mark} {v.text()}" if v else "")
+
+    table = ["| lr / sqrt rule | " + " | ".join(OPTIMIZERS) + " |", "|---|---|---|",
+             *(f"| {m:g}x | " + " | ".join(cell_of(opt, m) for opt in OPTIMIZERS) + " |" for m in MULTIPLIERS)]
     return heads, table, record
 
 
@@ -205,7 +212,7 @@ def main(argv=None) -> Path:
 
     first = next((j.run_dir for j in ljobs.values() if run_action(j.run_dir) == "skip"), None)
     floor = (unigram_baseline_from_run(first).get("test") or {}) if first else {}
-    lr_heads, lr_table, lr_record = lr_section(ljobs)
+    lr_heads, lr_table, lr_record = lr_section(ljobs, floor.get("loss"))
     long_lines, long_record = long_section(long)
     tuned_heads, tuned_table = tuned_section(tuned, tuned_record)
     run_s = sum(float((read_json(p) or {}).get("wall_time_s") or 0.0) for p in work.glob("**/summary.json"))
