@@ -44,7 +44,7 @@ from largebatch.train import train  # looked up at call time by Runner._run_here
 
 REPO = Path(__file__).resolve().parents[1]
 
-# What makes a run resumable, passed to the trainer (issue 12, item 1): periodic checkpoints on every run,
+# What makes a run resumable, passed to the trainer: periodic checkpoints on every run,
 # and `resume=auto` for a run folder that holds an unfinished run (newest complete checkpoint, or a fresh
 # start in that folder when it has none).
 CHECKPOINT_EVERY_EPOCHS = 0.1

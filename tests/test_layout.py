@@ -1,4 +1,4 @@
-"""Imports flow one way (DESIGN.md): cli -> train/plan/report -> tasks -> {models, data} and {optim, sched};
+"""Imports flow one way: cli -> train/plan/report -> tasks -> {models, data} and {optim, sched};
 optim/ and sched/ need torch alone, so `largebatch.optim.create_optimizer` works in anyone's loop."""
 
 from __future__ import annotations

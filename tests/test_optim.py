@@ -1,4 +1,4 @@
-"""largebatch.optim: every variant against a float64 per-tensor reference written from PAPERS.md, edge
+"""largebatch.optim: every variant against a float64 per-tensor reference written from the papers' formulas, edge
 cases, exclusions, state_dict round trips, agreement with timm / torch_optimizer, descent, factory errors.
 
 The C++ path is tested when its kernel builds (built once per session by the module fixture; ~20-70 s
@@ -81,7 +81,7 @@ def loss_grads(model, tok, y):
 
 # ----------------------------------------------------------------------------- float64 references
 class Reference:
-    """Per-tensor Python loops in float64, straight from the formulas of PAPERS.md."""
+    """Per-tensor Python loops in float64, straight from the papers' formulas."""
 
     def __init__(self, named, algo, lr, wd, *, betas=(0.9, 0.999), eps=1e-6, bias_correction=True,
                  clip=(0.0, INF), clamp_w=INF, grad_clip=None, momentum=0.9, eta=0.001, nesterov=False):

