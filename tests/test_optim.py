@@ -507,10 +507,19 @@ def test_auto_falls_back_when_the_build_fails(monkeypatch, caplog):
         create_optimizer(model, "lars", 0.01, implementation="cpp").step()
 
 
-def test_build_cpu_kernels_reports_the_build(cpp_ok):
+def test_build_cpu_kernels_reports_the_build(cpp_ok, monkeypatch):
+    """True when the kernel built, and then a fp32 CPU step takes it; False when the build fails."""
     from largebatch.optim import build_cpu_kernels
 
-    assert build_cpu_kernels() is cpp_ok
+    if cpp_ok:
+        assert build_cpu_kernels() is True
+        model = make_model()
+        loss_grads(model, *make_data())
+        opt = create_optimizer(model, "lamb", 0.01)
+        opt.step()
+        assert opt.last_path == "cpp"
+    monkeypatch.setattr(_cpp, "load", lambda verbose=False: None)
+    assert build_cpu_kernels() is False
 
 
 def test_non_fp32_params_use_foreach():
