@@ -66,6 +66,7 @@ class ResnetConfig:
     small_stem: bool | None = None  # 3x3 stride-1 stem, no max-pool; null: for images of 64 px or less
     zero_init_residual: bool = True  # last BN gamma of each block = 0 (Goyal et al. 2017)
     norm: str = "batch"  # batch | none
+    bn_virtual_batch: int | None = None  # ghost BatchNorm over groups of this many samples (null: the micro-batch)
     channels_last: bool = True  # on CUDA only
     num_classes: int | None = None  # null: from the data
     label_smoothing: float = 0.0  # training loss only
@@ -399,6 +400,10 @@ def _validate_model(model_cfg) -> None:
                           f"choose the model with model={name}, not model.name={name}")
     if model_cfg.task not in TASKS:
         raise ConfigError(f"model.task={model_cfg.task!r} is unknown; choose one of {' | '.join(TASKS)}")
+    virtual = model_cfg.get("bn_virtual_batch")
+    if virtual is not None and (not isinstance(virtual, int) or virtual < 1 or model_cfg.get("norm") != "batch"):
+        raise ConfigError(f"model.bn_virtual_batch={virtual!r} must be an integer >= 1 with model.norm=batch "
+                          "(null: BatchNorm over each micro-batch)")
 
 
 def _validate_optimizer(opt_cfg) -> None:

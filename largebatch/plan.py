@@ -90,6 +90,11 @@ def build_plans(cfg, task, world_size: int, *, allow_declared: bool = False) -> 
         resolve_micro_batch(spec.batch, spec.micro_batch, world_size)  # refuse a bad split before loading data
         samples = task.train_samples(spec.batch, spec.seq_len, allow_declared=allow_declared)
         plans.append(plan_stage(cfg, spec, samples, world_size))
+        virtual = cfg.model.get("bn_virtual_batch")
+        if virtual and plans[-1].micro_batch % virtual:
+            raise ConfigError(f"model.bn_virtual_batch={virtual} does not divide the micro-batch "
+                              f"{plans[-1].micro_batch} of stage {plans[-1].name}: choose a divisor of it, or a "
+                              f"micro_batch that {virtual} divides")
     return plans
 
 

@@ -190,6 +190,44 @@ def test_accumulation_is_one_batch_without_batchnorm_and_not_with_it(compose_cfg
     # BatchNorm normalises each micro-batch by its own statistics: the step is another function.
     bn_full, bn_split = losses(tmp_path / "batch_full"), losses(tmp_path / "batch_split")
     assert abs(bn_split[0] - bn_full[0]) > 1e-3 * abs(bn_full[0])
+    # Ghost BatchNorm over groups of 4: each sample's group is the same however the batch is split
+    train(compose_cfg(*common, "model.bn_virtual_batch=4", "micro_batch=32"), tmp_path / "ghost_full")
+    train(compose_cfg(*common, "model.bn_virtual_batch=4", "micro_batch=4"), tmp_path / "ghost_split")
+    ghost_full, ghost_split = losses(tmp_path / "ghost_full"), losses(tmp_path / "ghost_split")
+    assert len(ghost_full) == 4 and ghost_split == pytest.approx(ghost_full, rel=1e-5)
+    with pytest.raises(ConfigError, match="bn_virtual_batch=3 does not divide the micro-batch 4"):
+        train(compose_cfg(*common, "model.bn_virtual_batch=3", "micro_batch=4"), tmp_path / "ghost_bad")
+
+
+def test_ghost_batchnorm_is_batchnorm_over_each_group():
+    """One group of the whole batch is torch's BatchNorm (output, running statistics, eval); with groups,
+    each group is normalised alone, and a split of the batch at group boundaries gives the same gradient."""
+    from largebatch.models.resnet import GhostBatchNorm2d
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 5, 5) * 2 + 1
+    bn, ghost = torch.nn.BatchNorm2d(3), GhostBatchNorm2d(3, virtual_batch=8)
+    assert torch.allclose(ghost(x), bn(x), atol=1e-5)
+    assert torch.allclose(ghost.running_mean, bn.running_mean, atol=1e-6)
+    assert torch.allclose(ghost.running_var, bn.running_var, atol=1e-5)
+    bn.eval(), ghost.eval()
+    assert torch.allclose(ghost(x), bn(x), atol=1e-6)
+
+    groups = GhostBatchNorm2d(3, virtual_batch=4)
+    out = groups(x)
+    assert torch.allclose(out[:4], torch.nn.functional.batch_norm(x[:4], None, None, training=True), atol=1e-5)
+    weight = torch.randn(8, 3, 5, 5)
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def grads(chunks: int) -> torch.Tensor:
+        conv.zero_grad()
+        for part, w in zip(x.chunk(chunks), weight.chunk(chunks)):
+            (groups(conv(part)) * w).sum().backward()
+        return conv.weight.grad.clone()
+
+    assert torch.allclose(grads(1), grads(2), atol=1e-5)
+    with pytest.raises(ValueError, match="does not split into virtual batches of 4"):
+        groups(x[:6])
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index(compose_cfg):

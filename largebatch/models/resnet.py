@@ -18,6 +18,8 @@ Options:
   block's last conv starts at zero instead, with the same effect.
 - ``norm``: ``"batch"`` (BatchNorm, statistics of each forward pass) or ``"none"`` (no normalisation: every
   sample's loss depends on that sample alone, so gradient accumulation is exactly one large batch).
+- ``bn_virtual_batch``: BatchNorm over virtual batches of that many samples (:class:`GhostBatchNorm2d`):
+  with it dividing the micro-batch, gradient accumulation is exactly one large batch with BatchNorm too.
 - ``in_channels``: 1 for grey-level images (MNIST, Fashion-MNIST): the first conv takes one channel
   rather than the image being repeated three times.
 
@@ -37,10 +39,53 @@ DEPTHS = (18, 20, 34, 50)
 NORMS = ("batch", "none")
 
 
-def _norm_layer(norm: str):
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over virtual ("ghost") batches (Hoffer, Hubara, Soudry 2017, "Train longer, generalize
+    better"; MLPerf's ResNet-50 LARS reference normalises over 64 images): while training, each group of
+    ``virtual_batch`` consecutive samples is normalised by its own mean and variance. A sample's output then
+    depends on its group alone, so when ``virtual_batch`` divides the micro-batch, any split of a global batch
+    over micro-batches and ranks gives the same gradient. Running statistics are updated once per forward, as
+    torch's BatchNorm does, with the mean of the groups' means and of their (unbiased) variances. In eval
+    mode it is BatchNorm on the running statistics."""
+
+    def __init__(self, num_features: int, virtual_batch: int, **kwargs):
+        super().__init__(num_features, **kwargs)
+        if virtual_batch < 1:
+            raise ValueError(f"virtual_batch must be >= 1, got {virtual_batch}")
+        self.virtual_batch = virtual_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        n, v = x.shape[0], self.virtual_batch
+        if n % v:
+            raise ValueError(f"a batch of {n} samples does not split into virtual batches of {v}: make "
+                             "model.bn_virtual_batch divide the micro-batch")
+        groups = x.reshape(n // v, v, *x.shape[1:])  # [G, v, C, H, W]
+        dims = (1, *range(3, groups.dim()))
+        mean = groups.mean(dim=dims, keepdim=True)
+        var = groups.var(dim=dims, unbiased=False, keepdim=True)
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        y = ((groups - mean) * torch.rsqrt(var + self.eps)).reshape_as(x)
+        y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                count = groups[0].numel() // x.shape[1]  # values per channel in one group
+                self.num_batches_tracked += 1
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.mean(0).flatten(), momentum)
+                self.running_var.lerp_(var.mean(0).flatten() * count / max(count - 1, 1), momentum)
+        return y
+
+
+def _norm_layer(norm: str, virtual_batch: int | None = None):
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    return nn.BatchNorm2d if norm == "batch" else (lambda channels: nn.Identity())
+    if norm == "none":
+        return lambda channels: nn.Identity()
+    if virtual_batch:
+        return lambda channels: GhostBatchNorm2d(channels, virtual_batch)
+    return nn.BatchNorm2d
 
 
 def _kaiming(conv: nn.Conv2d) -> nn.Conv2d:
@@ -76,9 +121,9 @@ class CifarResNet(nn.Module):
     """ResNet-(6n+2) for small images; n = 3 is ResNet-20."""
 
     def __init__(self, blocks_per_stage: int = 3, num_classes: int = 10, in_channels: int = 3,
-                 norm: str = "batch"):
+                 norm: str = "batch", bn_virtual_batch: int | None = None):
         super().__init__()
-        norm_layer = _norm_layer(norm)
+        norm_layer = _norm_layer(norm, bn_virtual_batch)
         self.conv1 = _kaiming(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False))
         self.bn1 = norm_layer(16)
         self.relu = nn.ReLU(inplace=True)
@@ -116,7 +161,8 @@ def _zero_init_residual(net: nn.Module) -> None:
 
 
 def build_resnet(depth: int, num_classes: int, *, in_channels: int = 3, small_stem: bool = False,
-                 zero_init_residual: bool = True, norm: str = "batch") -> nn.Module:
+                 zero_init_residual: bool = True, norm: str = "batch", bn_virtual_batch: int | None = None
+                 ) -> nn.Module:
     """The net of ``depth`` (see the module docstring); raises ValueError for what cannot be built."""
     if depth not in DEPTHS:
         raise ValueError(f"depth must be one of {DEPTHS} (20: the CIFAR ResNet), got {depth}")
@@ -124,12 +170,12 @@ def build_resnet(depth: int, num_classes: int, *, in_channels: int = 3, small_st
         if not small_stem:
             raise ValueError("ResNet-20 is the CIFAR network: it always has the 3x3 stride-1 stem "
                              "(small_stem must be true)")
-        net = CifarResNet(3, num_classes, in_channels, norm)
+        net = CifarResNet(3, num_classes, in_channels, norm, bn_virtual_batch)
     else:
         import torchvision
 
         net = getattr(torchvision.models, f"resnet{depth}")(weights=None, num_classes=num_classes,
-                                                             norm_layer=_norm_layer(norm))
+                                                             norm_layer=_norm_layer(norm, bn_virtual_batch))
         if small_stem:
             net.conv1 = _kaiming(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False))
             net.maxpool = nn.Identity()

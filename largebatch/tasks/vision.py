@@ -170,6 +170,14 @@ class VisionTask(Task):
                          f"{m.norm}, zero-init residual {'on' if m.zero_init_residual else 'off'})",
                 "data": f"{data.name} (source {data.source}, {view})"}
 
+    def half_batch(self, micro_batch: dict) -> dict | None:
+        """The noise probe's half micro-batch; none where it would not split into ghost BatchNorm groups."""
+        half = super().half_batch(micro_batch)
+        v = self.cfg.model.bn_virtual_batch
+        if half is None or not v or next(iter(half.values())).shape[0] % v == 0:
+            return half
+        return None
+
     def build_model(self):
         from largebatch.models.resnet import ImageClassifier, build_resnet
 
@@ -177,7 +185,8 @@ class VisionTask(Task):
         num_classes = m.num_classes if m.num_classes is not None else self.splits.num_classes
         mean, std = CHANNEL_STATS[self.cfg.data.name]
         net = build_resnet(m.depth, num_classes, in_channels=len(mean), small_stem=self.small_stem(),
-                           zero_init_residual=m.zero_init_residual, norm=m.norm)
+                           zero_init_residual=m.zero_init_residual, norm=m.norm,
+                           bn_virtual_batch=m.bn_virtual_batch)
         on_cuda = self.cfg.device != "cpu" and torch.cuda.is_available()
         return ImageClassifier(net, mean, std, label_smoothing=m.label_smoothing,
                                channels_last=bool(m.channels_last and on_cuda))
