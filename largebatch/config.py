@@ -261,6 +261,8 @@ class TrainConfig:
     compile: bool = False
     on_nonfinite: str = "stop"  # stop | skip
     max_consecutive_skips: int = 10  # on_nonfinite=skip: stop after this many non-finite steps in a row
+    stop_at: float | None = None  # end the run at the first evaluation whose stop_metric reaches this value
+    stop_metric: str | None = None  # the metric stop_at reads (null: the task's primary, e.g. eval/accuracy)
     save_checkpoint: bool = True
     checkpoint_every_epochs: float | None = None  # periodic checkpoints (fractions allowed); null: only at the end
     keep_checkpoints: int = 2  # the newest N checkpoints are kept

@@ -25,7 +25,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -235,6 +235,7 @@ class Loop:
     noise: NoiseScale | None  # the gradient noise scale, measured on log steps (largebatch/noise.py)
     recorder: RunRecorder
     stages: int
+    target: dict = field(default_factory=dict)  # stop_at: when the run reached it
 
 
 @dataclass
@@ -293,7 +294,9 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
             end_of_stage = state.stage_step == plan.total_steps
             if _crossed(state.samples, plan.batch, stage.eval_every) or end_of_stage:
                 _evaluate(loop, plan, state, clock)
-            if end_of_stage:
+                if _reached_target(loop, state, earlier_sessions_s + time.perf_counter() - session_start):
+                    state.stage_index, end_of_stage = len(plans), True  # the run is done: no more stages
+            if end_of_stage and state.stage_index < len(plans):
                 state.stage_index, state.stage_step, state.window = state.stage_index + 1, 0, {}
             _checkpoint_or_stop(loop, plan, stage, state, stop, save)
             if end_of_stage:
@@ -482,6 +485,29 @@ def _evaluate(loop: Loop, plan, state, clock: dict) -> None:
     clock["window_started"] += time.perf_counter() - started
 
 
+def _reached_target(loop: Loop, state, elapsed_s: float) -> bool:
+    """stop_at: has the last evaluation reached the target (>= where higher is better, else <=)? Records
+    when (step, samples, seconds) in ``loop.target`` for the summary."""
+    cfg = loop.cfg
+    if cfg.stop_at is None:
+        return False
+    metric, higher = target_metric(cfg, loop.task)
+    value = (state.last_eval or {}).get(metric)
+    if value is None or not math.isfinite(value) or (value < cfg.stop_at if higher else value > cfg.stop_at):
+        return False
+    loop.target.update(reached=True, value=value, step=state.step, samples=state.samples, wall_time_s=elapsed_s)
+    log.info("stop_at: %s = %.4g reached %g at step %d: the run ends here", metric, value, cfg.stop_at, state.step)
+    return True
+
+
+def target_metric(cfg, task) -> tuple[str, bool]:
+    """(the metric stop_at reads, whether higher is better): the task's primary unless stop_metric names
+    another (loss and perplexity: lower is better; any other: higher)."""
+    if cfg.stop_metric is None or cfg.stop_metric == task.primary.name:
+        return task.primary.name, task.primary.higher_is_better
+    return cfg.stop_metric, cfg.stop_metric.rsplit("/", 1)[-1] not in ("loss", "ppl")
+
+
 def _checkpoint_or_stop(loop: Loop, plan, stage: Stage, state, stop, save) -> None:
     """A checkpoint on its period, and on a stop signal (then :class:`Interrupted`), unless the run is done."""
     more = state.stage_index < loop.stages
@@ -506,6 +532,9 @@ def _finish(loop: Loop, plans, state, run_dir: Path, wall: float, save) -> dict:
                "optimizer": cfg.optimizer.name, "precision": accelerator.mixed_precision,
                "batch": plans[-1].batch, "final_loss": state.last_loss, "primary_metric": task.primary.name,
                **(state.last_eval or {}), **final_eval}
+    if cfg.stop_at is not None:  # steps, samples and seconds to the target, or that it was never reached
+        metric, _ = target_metric(cfg, task)
+        summary["stop_at"] = {"metric": metric, "target": cfg.stop_at, "reached": False, **loop.target}
     loop.recorder.summary(summary)
     if cfg.save_checkpoint:
         save()

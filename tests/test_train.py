@@ -180,3 +180,22 @@ def test_wandb_logger_gets_config_and_metrics(compose_cfg, tmp_path, monkeypatch
     steps = [s for s, m in calls["log"] if "loss" in m]
     assert steps == sorted(steps) and len(steps) >= 2
     assert any("eval/loss" in m for _, m in calls["log"]) and calls["finished"]
+
+
+def test_stop_at_ends_the_run_at_the_first_evaluation_that_reaches_the_target(compose_cfg, tmp_path):
+    """stop_at reads the task's primary metric (BERT: eval/loss, lower is better) or stop_metric; the summary
+    says when the target was reached, or that it never was, and the metrics are the uninterrupted run's."""
+    common = ["epochs=0.2", "eval_every_epochs=0.05", "log_every=1", "save_checkpoint=false"]
+    full = train(compose_cfg(*common), tmp_path / "full")
+    evals = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+             if "eval/loss" in line]
+    second = evals[1]  # a target the second evaluation reaches and the first does not
+    assert evals[0]["eval/loss"] > second["eval/loss"]
+    early = train(compose_cfg(*common, f"stop_at={second['eval/loss']}"), tmp_path / "early")
+    assert early["steps"] == second["step"] < full["steps"] and early["eval/loss"] == second["eval/loss"]
+    assert early["stop_at"] == {"metric": "eval/loss", "target": second["eval/loss"], "reached": True,
+                                "value": second["eval/loss"], "step": second["step"], "samples": second["samples"],
+                                "wall_time_s": pytest.approx(early["stop_at"]["wall_time_s"])}
+    never = train(compose_cfg(*common, "stop_at=0.5", "stop_metric=eval/accuracy"), tmp_path / "never")
+    assert never["steps"] == full["steps"] and never["stop_at"]["reached"] is False
+    assert never["stop_at"]["metric"] == "eval/accuracy"
