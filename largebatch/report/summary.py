@@ -167,13 +167,14 @@ def findings(rows: list[dict], *, unigram: dict | None = None, candidate: str = 
     if not done:
         return ["No run finished, so these results show nothing yet."]
 
-    budgets = sorted({r["samples"] for r in done if r.get("samples") is not None})
+    ladder_runs = [r for r in done if (r.get("stages") or 1) == 1]  # a mixed-batch run is compared apart
+    budgets = sorted({r["samples"] for r in ladder_runs if r.get("samples") is not None})
     if len(budgets) == 1:
-        out.append(f"Every finished run saw the same number of training samples ({budgets[0]}), so the rungs "
-                   "differ only in how the samples are grouped into optimizer steps.")
+        out.append(f"Every finished ladder run saw the same number of training samples ({budgets[0]}), so the "
+                   "rungs differ only in how the samples are grouped into optimizer steps.")
     elif budgets:
-        out.append(f"The finished runs did NOT all see the same number of samples ({budgets[0]} to {budgets[-1]}): "
-                   "comparisons across batch sizes are not like-for-like.")
+        out.append(f"The finished ladder runs did NOT all see the same number of samples ({budgets[0]} to "
+                   f"{budgets[-1]}): comparisons across batch sizes are not like-for-like.")
 
     key = "test_loss" if any(r.get("test_loss") is not None for r in done) else "eval_loss"
     if key == "test_loss":
@@ -193,7 +194,7 @@ def findings(rows: list[dict], *, unigram: dict | None = None, candidate: str = 
     out += _steps_to_target(cells, (candidate, baseline), target, scaling_factor)
     out += _noise_scale(cells, (candidate, baseline), holds)
     untrained, barely = _against_unigram(cells, unigram, key, tolerance)
-    out.append(_verdict(holds, candidate, baseline, untrained, barely))  # the question, answered after its evidence
+    verdict = _verdict(holds, candidate, baseline, untrained, barely)  # the headline: first, its evidence after
 
     out += _configurations(cells, candidate, baseline)
     out += _head_to_head(cells, candidate, key, untrained, barely)
@@ -209,7 +210,7 @@ def findings(rows: list[dict], *, unigram: dict | None = None, candidate: str = 
         out.append(f"{len(failed)} run(s) did not finish and are left out of everything above: "
                    + "; ".join(f"{r['optimizer']} batch {r['batch_schedule']} seed {r['seed']} in "
                                f"{Path(r['run']).name} ({r['note']})" for r in shown) + more)
-    return out
+    return [verdict, *out]
 
 
 # --- interval verdicts (largebatch/protocol.py): no verdict borrows spread from another rung
@@ -595,6 +596,11 @@ def _downstream(cells: list[Cell], done: list[dict], candidate: str) -> list[str
         out.append(f"Downstream {metric} ({candidate}): {rungs[0].fmt(key)} at batch "
                    f"{rungs[0].batch_schedule} → {rungs[-1].fmt(key)} at batch {rungs[-1].batch_schedule}.")
     paired = [r for r in scored if r.get(random_key) is not None]
+    floors = [r[random_key] for r in done if r.get(random_key) is not None]
+    if floors:
+        out.append(f"The downstream floor: the same fine-tuning from a random init scores {fmt(sum(floors) / len(floors))} "
+                   f"{metric} (a classifier that learns only the label frequencies lands about there); pretrained "
+                   "scores near it say the probe cannot tell these pretrained models apart.")
     if paired:
         better = sum(r[key] > r[random_key] for r in paired)
         out.append(f"Pretraining helps downstream in {better} of {len(paired)} run(s) scored both ways "
