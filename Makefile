@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 # torch and torchvision that pair (CUDA build; runs on CPU too). Override for another platform.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+TEST_WORKERS ?= auto
 SCALE ?= small
 SEEDS ?=
 JOBS ?=
@@ -48,8 +49,8 @@ lamb-studies: $(STAMP) ## LAMB's lr robustness at the top rung, a long B_simple 
 smoke: $(STAMP) ## a few seconds of training on a tiny config
 	$(BIN)/lb-train scale=tiny progress=false
 
-test: $(STAMP) lint ## lint, then the fast test tier (in-process; no slow or system tests)
-	$(BIN)/pytest -m "not slow and not system" -q $(PYTEST_ARGS)
+test: $(STAMP) lint ## lint, then the fast test tier (no slow or system tests), one worker per core
+	$(BIN)/pytest -m "not slow and not system" -q -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 test-system: $(STAMP) ## the system tier: tests that start processes (several ranks, kills, drivers end to end)
 	$(BIN)/pytest -m "system and not slow" -q $(PYTEST_ARGS)

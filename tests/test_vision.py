@@ -393,7 +393,8 @@ def test_corrupt_image_stops_lb_train_with_one_line_naming_it(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "zz_broken.JPEG: not a readable image" in proc.stderr.splitlines()[-1]
+    last = proc.stderr.splitlines()[-1]  # checked up front, before training, and named
+    assert last.startswith("error: 1 image file(s) cannot be read:") and "zz_broken.JPEG (OSError" in last
 
 
 # ----------------------------------------------------------------------------- recipes
