@@ -75,5 +75,5 @@ def ignore_interrupts_while_idle() -> None:
     worker that dies breaks the pool under the runs still going on the others (they would end with
     BrokenProcessPool, not their checkpoint). During a run the trainer takes the signal (in its loop: first,
     checkpoint and stop; second, exit at once). SIGTERM keeps its default: a broken pool terminates its
-    workers with it. (DataLoader workers ignore both: largebatch/data/steps.py.)"""
+    workers with it. (DataLoader workers ignore both: largebatch/data/batching.py.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)

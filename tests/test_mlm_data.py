@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import torch
 
 from largebatch.data import build_mlm_data
+from largebatch.data.batching import index_steps
 from largebatch.data.mlm import MaskedLMDataset, pack_sequences
-from largebatch.data.steps import index_steps
 from largebatch.data.tokenizer import load_or_train_tokenizer
 from largebatch.labels import IGNORE_INDEX
 

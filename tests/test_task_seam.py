@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from largebatch.data import corpus_cache_dir
-from largebatch.data.steps import StepSampler, rank_share, split_micro
+from largebatch.data.batching import StepSampler, rank_share, split_micro
 from largebatch.train import train
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "mlm_reference.json").read_text())

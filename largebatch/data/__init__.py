@@ -1,4 +1,6 @@
-"""Data factory: documents -> WordPiece tokenizer -> packed sequences -> masked-LM datasets.
+"""The data package: one loader per kind of data (``images``, ``ptb``, ``parallel``, ``classification``,
+``squad``, the corpora of ``sources``), the batch split every task uses (``batching``), and, in this module,
+the masked-LM pipeline: documents -> WordPiece tokenizer -> packed sequences -> masked-LM datasets.
 
 Everything derived from the documents is cached under ``data.cache_dir`` in a folder keyed by the
 corpus and split settings AND by the size, mtime and content hash of every input file

@@ -1,7 +1,7 @@
 """Masked-LM sequences: packing and masks drawn per batch with tensor ops.
 
 Masks depend only on (seed, epoch, sample index): the same sample gets the same mask whatever the
-batch size, micro-batch, number of ranks or data workers (the sample order is ``largebatch.data.steps``'s).
+batch size, micro-batch, number of ranks or data workers (the sample order is ``largebatch.data.batching``'s).
 The randomness is a counter-based hash of (seed, epoch, index, position), so a whole batch is masked
 with a few integer tensor ops instead of one generator per sample.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from largebatch.data.steps import split_micro
+from largebatch.data.batching import split_micro
 from largebatch.labels import IGNORE_INDEX
 
 MASKING_SCHEME = "bert-fixed-count-v2"  # recorded with results: MLM numbers depend on it

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from largebatch.data.steps import split_micro
+from largebatch.data.batching import split_micro
 from largebatch.data.sword import module_dir, sword_verses
 from largebatch.errors import ConfigError, DataNotFoundError
 from largebatch.fileio import atomic_file, file_fingerprint

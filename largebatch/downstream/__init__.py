@@ -14,9 +14,9 @@ Modules, one job each:
 - :mod:`.cli`: the ``lb-finetune`` command (``main``, the console script's target).
 """
 
-from largebatch.downstream.checkpoint import INITS, load_model
 from largebatch.downstream.classify import finetune_classification
 from largebatch.downstream.cli import main
+from largebatch.downstream.pretrained import INITS, load_model
 from largebatch.downstream.squad import best_span, finetune_squad, squad_features, squad_predictions
 
 __all__ = ["INITS", "best_span", "finetune_classification", "finetune_squad", "load_model", "main",

@@ -18,8 +18,8 @@ import torch
 from transformers import BertForSequenceClassification, BertTokenizerFast
 
 from largebatch.data.classification import load_classification
-from largebatch.downstream.checkpoint import checked_model_dir, load_model
 from largebatch.downstream.finetune import fit, predict, recipe_of, resolve_device, torch_threads
+from largebatch.downstream.pretrained import checked_model_dir, load_model
 
 
 def finetune_classification(

@@ -15,8 +15,8 @@ import math
 from pathlib import Path
 
 from largebatch.data.squad import load_squad
-from largebatch.downstream.checkpoint import checked_model_dir
 from largebatch.downstream.classify import finetune_classification
+from largebatch.downstream.pretrained import checked_model_dir
 from largebatch.downstream.squad import finetune_squad
 from largebatch.errors import ConfigError, LargebatchError, fail
 

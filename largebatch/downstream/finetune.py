@@ -14,8 +14,8 @@ import contextlib
 import torch
 
 from largebatch.optim.param_groups import build_param_groups
+from largebatch.sched.durations import epochs_to_steps, steps_per_epoch
 from largebatch.sched.schedules import build_schedule
-from largebatch.sched.steps import epochs_to_steps, steps_per_epoch
 
 # How a fine-tune runs, not what it computes: left out of the recipe that a result records.
 _NOT_RECIPE = ("model_dir", "threads", "device")

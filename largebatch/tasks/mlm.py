@@ -14,8 +14,8 @@ from pathlib import Path
 from torch import nn
 
 from largebatch.data import MLMData, build_mlm_data
+from largebatch.data.batching import STAGE_EPOCH_STRIDE, index_steps
 from largebatch.data.mlm import masked_count, split_micro_batches
-from largebatch.data.steps import STAGE_EPOCH_STRIDE, index_steps
 from largebatch.device import resolve_device_type, resolve_num_workers
 from largebatch.labels import IGNORE_INDEX
 from largebatch.tasks.base import Metric, Task, evaluate_samples

@@ -6,7 +6,7 @@ Training: teacher forcing; the loss of a micro-batch is the SUM of its target to
 the batch of sentences), the one its SGD lr 1.0 and clip 5 refer to; ``tokens`` is the per-token mean
 (fairseq's convention), which makes the gradient ~mean-target-length times smaller. Either way any split
 of a step over micro-batches and ranks gives the same gradient. Sample order is
-``largebatch.data.steps``'s seeded permutation, the same for every batch size; ``data.bucket`` sorts a
+``largebatch.data.batching``'s seeded permutation, the same for every batch size; ``data.bucket`` sorts a
 rank's share of each step by length before cutting micro-batches (same samples per step, less padding).
 
 Evaluation, every ``eval_every_epochs``: the valid split's per-token loss and perplexity (no label
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from largebatch.data.batching import STAGE_EPOCH_STRIDE, index_steps
 from largebatch.data.parallel import (
     PairDataset,
     ParallelSplits,
@@ -38,7 +39,6 @@ from largebatch.data.parallel import (
     load_parallel,
     pad_pairs,
 )
-from largebatch.data.steps import STAGE_EPOCH_STRIDE, index_steps
 from largebatch.errors import ConfigError
 from largebatch.fileio import atomic_write_text
 from largebatch.labels import IGNORE_INDEX

@@ -1,7 +1,7 @@
 """Image classification with ResNets: Goyal et al.'s ImageNet ResNet-50 and, for CPUs, ResNet-20.
 
 Each sample is one image; the loss is summed over samples and normalised by the GLOBAL number of samples
-of the step. Sample order is ``largebatch.data.steps``'s seeded permutation per epoch, the same for every
+of the step. Sample order is ``largebatch.data.batching``'s seeded permutation per epoch, the same for every
 batch size. Metrics: held-out loss (plain cross-entropy), top-1 accuracy (primary) and top-5 accuracy.
 
 Data (the configs the MNIST-LSTM reads too; the task decides the view):
@@ -31,8 +31,8 @@ import logging
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from largebatch.data.batching import STAGE_EPOCH_STRIDE, index_steps, sample_seed
 from largebatch.data.images import IMAGE_FOLDER_SOURCE, load_image_data, load_image_folder, read_image
-from largebatch.data.steps import STAGE_EPOCH_STRIDE, index_steps, sample_seed
 from largebatch.errors import ConfigError
 from largebatch.tasks.base import Metric, Task
 
