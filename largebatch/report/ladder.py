@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from largebatch import protocol as P
 from largebatch.report.plots import save_figure
 from largebatch.report.runs import load_run, read_json, read_metrics
+from largebatch.report.text import fmt, table
 
 
 @dataclass
@@ -235,19 +236,6 @@ def noise_by_batch(runs: list[Run]) -> dict[int, list[float | None]]:
 
 
 # ---------------------------------------------------------------------- markdown
-
-
-def fmt(x, digits: int = 4) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, float) and not math.isfinite(x):
-        return "—"
-    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
-
-
-def table(headers: list[str], body: list[list]) -> list[str]:
-    return ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers),
-            *("| " + " | ".join(map(str, row)) + " |" for row in body)]
 
 
 def cell_text(cell: Cell | None) -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from largebatch import protocol as P
 from largebatch.report.runs import AXIS_KEYS, key_matches, optimizer_rank, result_config, to_target
+from largebatch.report.text import fmt
 
 MAX_LISTED = 10  # failed runs named in the prose; the 'Every run' table lists all of them
 
@@ -79,14 +80,6 @@ class Cell:
         """One value when all seeds agree (steps, samples, lr), else the distinct values."""
         vals = sorted({str(r.get(key)) for r in self.runs if r.get(key) is not None})
         return ", ".join(vals) if vals else "—"
-
-
-def fmt(x, digits: int = 4) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, int) or (isinstance(x, float) and x.is_integer() and abs(x) >= 1000):
-        return str(int(x))
-    return f"{x:.{digits}g}"
 
 
 def fmt_count(x) -> str:
