@@ -70,9 +70,11 @@ def test_lr_robustness_finds_the_multipliers_within_the_margin_of_each_optimizer
         else:
             fake_run(job.run_dir, [{"step": 1, "eval/loss": loss, "test/loss": 9.0}, {"step": 2, "eval/loss": loss,
                                                                                       "test/loss": loss}])
-    heads, table, record = S.lr_section(jobs)
+    heads, table, record = S.lr_section(jobs, floor=6.75)  # AdamW from 2x is above this "unigram"
     assert record["lamb"]["holds"] == [0.5, 1, 2, 4]
     assert record["adamw"]["holds"] == [0.5, 1]
     assert 8 not in record["adamw"]["not_failing"]  # every seed diverged: missing counts as failing
-    assert "8x for LAMB and 2x for AdamW" in heads[-1]
+    assert record["lamb"]["trains_at"] == [0.5, 1, 2, 4] and record["adamw"]["trains_at"] == [0.5, 1]
+    assert "LAMB tolerates larger learning rates than AdamW" in heads[-1] and "4x for LAMB, 1x for AdamW" in heads[-1]
+    assert any("⚠ not below the unigram" in row for row in table)
     assert any("2 of 2 not finite or not run" in row for row in table)
