@@ -149,8 +149,11 @@ def render(arms: dict, results: Path, elapsed_s: float) -> str:
                 heads.append(f"- **{arm}, batch {b}**: sqrt alone is better than LEGW's warmup by {-gap.gap:.4f} "
                              f"[{-gap.hi:.4f}, {-gap.lo:.4f}]: the long warmup costs more than it saves here.")
             else:
+                needs = P.seeds_needed(gap, 0.0)  # for the interval of the difference to exclude 0
                 heads.append(f"- **{arm}, batch {b}**: no difference resolved (legw - sqrt {gap.gap:+.4f} "
-                             f"[{gap.lo:+.4f}, {gap.hi:+.4f}]).")
+                             f"[{gap.lo:+.4f}, {gap.hi:+.4f}]; "
+                             + (f"~{needs} seeds a cell would resolve it" if needs else "more than 100 seeds a cell")
+                             + ").")
     lines += ["## What this shows", "", *heads, "",
               f"Each cell: test accuracy, the mean of the last {LAST} evaluations, mean [95% t interval] over fresh "
               f"seeds; ✓/✗/? the interval verdict of the cell's gap to its arm's base within {MARGIN:.0%}. "
