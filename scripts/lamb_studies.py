@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -151,8 +152,11 @@ def long_section(job: Job) -> tuple[list[str], dict]:
     lines = [f"- LAMB at batch {LONG['batch']} for {LONG['epochs']:g} epochs ({plan.get('total_steps', '?')} steps"
              + ("" if done else ", NOT finished: the shares so far") + "): B_simple by eighth of the run (samples):",
              "", "| " + " | ".join(f"{i + 1}/8" for i in range(8)) + " |", "|" + "---|" * 8, f"| {cells} |", "",
-             f"  The ladder's rungs are 2 ... 128 over 1/3 epoch; its top rungs sit above B_simple where the rung "
-             f"exceeds the value of the matching share. Final test loss {L.fmt(test_loss(job.run_dir))}."]
+             f"  Median over the eighths: {L.fmt(statistics.median(x for x in parts if x is not None), 3)} samples "
+             f"(first half {L.fmt(statistics.median(x for x in parts[:4] if x is not None), 3)}, second half "
+             f"{L.fmt(statistics.median(x for x in parts[4:] if x is not None), 3)}). The ladder's rungs are 2 ... 128 "
+             f"over 1/3 epoch; a rung above these values is past the noise scale, where a larger batch no longer "
+             f"cuts the steps a target needs. Final test loss {L.fmt(test_loss(job.run_dir))}."]
     return lines, {"b_simple_by_eighth": parts, "finished": done}
 
 
