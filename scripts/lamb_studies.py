@@ -85,6 +85,17 @@ def test_loss(run_dir: Path) -> float | None:
     return L.value_of(read_metrics(run_dir), "test/loss") if run_action(run_dir) == "skip" else None
 
 
+def floor_mark(values: list, floor: float | None) -> str:
+    """A cell's mark against the unigram baseline: no better than it (learned only token frequencies), or
+    within two margins of it (barely trained: a comparison with it says little)."""
+    v = [x for x in values if x is not None]
+    if floor is None or not v:
+        return ""
+    if not P.beats_baseline(v, floor, higher_is_better=False):
+        return " ⚠ not below the unigram"
+    return " ⚠ barely below the unigram" if floor - sum(v) / len(v) < 2 * T1.MARGIN_NATS else ""
+
+
 def cell(values: list, n_planned: int) -> str:
     v = [x for x in values if x is not None]
     iv = P.t_interval(v)
@@ -129,9 +140,7 @@ def lr_section(jobs: dict, floor: float | None = None) -> tuple[list[str], list[
     def cell_of(opt: str, m: float) -> str:
         text = cell([vals[opt, m, s] for s in SEEDS], len(SEEDS))
         v = verdicts.get((opt, m))
-        seeds = [x for x in (vals[opt, m, s] for s in SEEDS) if x is not None]
-        if floor is not None and seeds and not P.beats_baseline(seeds, floor, higher_is_better=False):
-            text += " ⚠ not below the unigram"
+        text += floor_mark([vals[opt, m, s] for s in SEEDS], floor)
         if opt in record and v is None:
             return text + " (best)"
         return text + (f" {v.mark} {v.text()}" if v else "")
@@ -160,7 +169,7 @@ def long_section(job: Job) -> tuple[list[str], dict]:
     return lines, {"b_simple_by_eighth": parts, "finished": done}
 
 
-def tuned_section(jobs: dict, record: dict) -> tuple[list[str], list[str]]:
+def tuned_section(jobs: dict, record: dict, floor: float | None = None) -> tuple[list[str], list[str]]:
     rows, heads = [], []
     for b in TUNED_BATCHES:
         per = {opt: [test_loss(j.run_dir) for (o, bb, s), j in jobs.items() if o == opt and bb == b
@@ -172,11 +181,14 @@ def tuned_section(jobs: dict, record: dict) -> tuple[list[str], list[str]]:
         gap = P.gap_interval(v["lamb"], v["adamw"], False)  # positive: LAMB worse
         diff = f"{gap.gap:+.4f} [{gap.lo:+.4f}, {gap.hi:+.4f}]" if gap and gap.lo is not None else "—"
         rows.append(f"| {b} | " + " | ".join(
-            f"{cell(per[opt], len(SEEDS))} (lr {chosen[opt].get('chosen', '?')}"
+            f"{cell(per[opt], len(SEEDS))}{floor_mark(per[opt], floor)} ({chosen[opt].get('chosen', '?')}"
             + (", AT THE EDGE" if chosen[opt].get("lr_at_edge") else "") + ")" for opt in OPTIMIZERS) + f" | {diff} |")
         if gap and gap.lo is not None:
             word = ("LAMB better" if gap.hi < 0 else "AdamW better" if gap.lo > 0 else "no difference resolved")
-            heads.append(f"- Tuned at batch {b}: {word} (LAMB - AdamW {gap.gap:+.4f} [{gap.lo:+.4f}, {gap.hi:+.4f}] nats).")
+            marks = {opt: floor_mark(per[opt], floor) for opt in OPTIMIZERS}
+            caveat = "; ".join(f"{opt}{m}" for opt, m in marks.items() if m)
+            heads.append(f"- Tuned at batch {b}: {word} (LAMB - AdamW {gap.gap:+.4f} [{gap.lo:+.4f}, {gap.hi:+.4f}] nats)"
+                         + (f"; {caveat}: the comparison is with a model that barely trained" if caveat else "") + ".")
     table = ["| batch | LAMB tuned | AdamW tuned | LAMB - AdamW [95% Welch] |", "|---|---|---|---|", *rows]
     return heads, table
 
@@ -224,7 +236,7 @@ def main(argv=None) -> Path:
     floor = (unigram_baseline_from_run(first).get("test") or {}) if first else {}
     lr_heads, lr_table, lr_record = lr_section(ljobs, floor.get("loss"))
     long_lines, long_record = long_section(long)
-    tuned_heads, tuned_table = tuned_section(tuned, tuned_record)
+    tuned_heads, tuned_table = tuned_section(tuned, tuned_record, floor.get("loss"))
     run_s = sum(float((read_json(p) or {}).get("wall_time_s") or 0.0) for p in work.glob("**/summary.json"))
     text = "\n".join([
         "# LAMB Table 1: what this machine can test (BERT-tiny, the bundled corpus, seq 32, 38,912 samples a run)", "",
