@@ -257,7 +257,7 @@ def main(argv=None) -> Path:
         "multipliers": list(MULTIPLIERS), "seeds": list(SEEDS), "long": LONG, "tuned_batches": args.tuned_batches,
         "margin_nats": T1.MARGIN_NATS, "unigram_test": floor, "lr_robustness": lr_record, "long_run": long_record,
         "tuned": tuned_record, "run_seconds": round(run_s, 1), "threads_per_job": runner.threads,
-        "jobs": runner.jobs, "work_folder": rel(work), "rendered_in_s": round(time.time() - t0, 1), **environment()})
+        "jobs": runner.jobs, "work_folder": rel(work), "report_only": args.report, "rendered_in_s": round(time.time() - t0, 1), **environment()})
     print(text)
     return results
 

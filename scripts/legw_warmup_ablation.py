@@ -217,7 +217,7 @@ def main(argv=None) -> Path:
         "base_seeds": list(BASE_SEEDS), "margin": MARGIN, "lrs": {arm: a["lr"] for arm, a in arms.items()},
         "arm_choice": {arm: a["why"] for arm, a in arms.items()}, **record, "run_seconds": round(run_s, 1),
         "threads_per_job": runner.threads, "jobs": runner.jobs, "work_folder": rel(work),
-        "rendered_in_s": round(time.time() - t0, 1), **environment()})
+        "report_only": args.report, "rendered_in_s": round(time.time() - t0, 1), **environment()})
     print(text)
     return results
 
