@@ -183,16 +183,18 @@ def train(cfg, run_dir: Path) -> dict:
         plans = build_plans(cfg, task, world)
     run_dir, checkpoint, run_lock = open_run_dir(cfg, Path(run_dir), lock=accelerator.is_main_process)
     resuming = checkpoint is not None
-    if accelerator.is_main_process and not resuming:
-        clear_run_records(run_dir)  # overwrite=true, or resume of a run that never checkpointed
-    accelerator.wait_for_everyone()
-
-    # Nothing is written before the plan and the folder are known to be valid.
-    state = TrainerState()
-    if resuming:
-        state = read_trainer_state(checkpoint)
-    recorder = RunRecorder(run_dir, cfg, enabled=accelerator.is_main_process, world_size=world, device=str(device),
-                           resume_step=state.step if resuming else None)
+    try:
+        if accelerator.is_main_process and not resuming:
+            clear_run_records(run_dir)  # overwrite=true, or resume of a run that never checkpointed
+        accelerator.wait_for_everyone()
+        # Nothing is written before the plan and the folder are known to be valid.
+        state = read_trainer_state(checkpoint) if resuming else TrainerState()
+        recorder = RunRecorder(run_dir, cfg, enabled=accelerator.is_main_process, world_size=world,
+                               device=str(device), resume_step=state.step if resuming else None)
+    except BaseException:
+        if run_lock is not None:
+            run_lock.close()  # a folder this process could not start a run in is free again at once
+        raise
     try:
         with GracefulStop() as stop:
             summary = _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, stop)
