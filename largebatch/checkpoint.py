@@ -11,7 +11,6 @@ Data order and masks are functions of (seed, epoch, sample), so the position is 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 from largebatch.errors import ConfigError, DiskFullError, LargebatchError
-from largebatch.fileio import atomic_write_json, replace_dir
+from largebatch.fileio import atomic_write_json, content_hash, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -159,20 +158,13 @@ def _save(accelerator, parallel, task, state: TrainerState, run_dir: Path, keep:
     return final
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(folder: Path) -> None:
-    """Record every file of a finished checkpoint folder (size and checksum), so a resume can tell a whole
-    checkpoint from one damaged after it was written (a truncated or overwritten file)."""
+    """Record every file of a finished checkpoint folder (size and checksum: whole up to 64 MiB, sampled
+    above, as the data caches key their inputs), so a resume can tell a whole checkpoint from one damaged
+    after it was written (a truncated or overwritten file)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     atomic_write_json(folder / MANIFEST, {"files": {str(p.relative_to(folder)): {"size": p.stat().st_size,
-                                                                                  "blake2b": _digest(p)}
+                                                                                  "blake2b": content_hash(p)}
                                                     for p in files}})
 
 
@@ -195,7 +187,7 @@ def damage(checkpoint: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != want["size"]:
             return f"{name} has {path.stat().st_size} bytes, {want['size']} were written"
-        if _digest(path) != want["blake2b"]:
+        if content_hash(path) != want["blake2b"]:
             return f"{name} does not match its checksum"
     return None
 

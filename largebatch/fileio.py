@@ -89,10 +89,12 @@ def file_fingerprint(path: str | Path) -> list:
     (an edit between those chunks that also keeps the size and the mtime is not seen). Nothing is memoised:
     a hash kept by stat fields could be stale for exactly such an edit."""
     st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns, _content_hash(Path(path), st.st_size)]
+    return [st.st_size, st.st_mtime_ns, content_hash(Path(path), st.st_size)]
 
 
-def _content_hash(path: Path, size: int) -> str:
+def content_hash(path: Path, size: int | None = None) -> str:
+    """blake2b of a file: whole up to ``FULL_HASH_MAX_BYTES``, else sampled (see :func:`file_fingerprint`)."""
+    size = os.stat(path).st_size if size is None else size
     digest = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         if size <= FULL_HASH_MAX_BYTES:

@@ -80,11 +80,9 @@ def stage_specs(cfg, default_seq_len: int | None) -> list[StageSpec]:
 
 
 def build_plans(cfg, task, world_size: int, *, allow_declared: bool = False) -> list[StagePlan]:
-    """Every stage's plan, for lb-plan and lb-train alike. ``allow_declared`` lets a declared
-    ``data.train_samples`` stand in for the data (lb-plan at paper scale); training always counts."""
-    from largebatch.config import validate
-
-    validate(cfg)
+    """Every stage's plan, for lb-plan and lb-train alike (both have run ``largebatch.config.validate`` on
+    ``cfg`` before building the task). ``allow_declared`` lets a declared ``data.train_samples`` stand in for
+    the data (lb-plan at paper scale); training always counts."""
     plans = []
     for spec in stage_specs(cfg, task.default_seq_len()):
         resolve_micro_batch(spec.batch, spec.micro_batch, world_size)  # refuse a bad split before loading data
