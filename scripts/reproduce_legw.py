@@ -126,12 +126,13 @@ SCALES = {
             # is within 1% of its best validation accuracy from epoch 12 and has its lowest validation loss at
             # 16, so 60 adds only overfitting. 120 steps at batch 8192. The base warmup is fixed in advance at 0.25 epochs
             # (LEGW's k x 0.25 = 16 of the 20 epochs at the top rung); only the lr is swept, on validation.
-            # 4 rungs (128, 512, 2048, 8192), one seed at the middle two, linear at the top, the tuned oracle at the
-            # top (3 trials): ~21 runs of ~5.5 min on one thread each (~60 min on 2 workers).
+            # 4 rungs (128, 512, 2048, 8192): 3 seeds at the base and the top, 2 at the middle two; linear at 2048
+            # and 8192, the tuned oracle (3 trials) at 512 and 8192: ~37 runs of ~6.5 min on one thread each
+            # (~2 h on 2 workers).
             "mnist_lstm": dict(train=["epochs=20", "data.max_train=49152", "eval_every_epochs=1.0", "eval_batch=1000"],
                                ladder=[128, 512, 2048, 8192], lr_grid=[1e-3, 3e-3, 1e-2], warmup=0.25,
-                               warmup_grid=[0.25], budgets=[12, None], tuned=[8192], tuning="halton:3",
-                               rules={"linear": [8192], "none": []}, seeds_by_rung={512: 1, 2048: 1}),
+                               warmup_grid=[0.25], budgets=[12, None], tuned=[512, 8192], tuning="halton:3",
+                               seeds=3, rules={"linear": [2048, 8192], "none": []}, seeds_by_rung={512: 2, 2048: 2}),
             # 2x128 on 4,096 verse pairs (8 x 512: the first 4,097 less the one over 80 BPE tokens, measured) for
             # 2 epochs: 16 steps at batch 512; 200 valid pairs, no beam-search test decode. Every rung runs
             # micro-batches of 32: a micro-batch of 512 trains fewer pairs a second on this CPU, not more (its
@@ -314,6 +315,7 @@ def tune(runner: Runner, task: str, scale: dict, work: Path, lr: float, warmup: 
     """The tuned oracle: every trial at its rung (seed 0), the best by validation re-run on the cells' seeds.
     ({(row, batch, seed): Job} of trials ("tuned_trial") and re-runs ("tuned"), the record)."""
     _, cell = rung_seeds(task, scale, seeds)
+    fewer = scale["tasks"][task].get("seeds_by_rung", {}) if seeds is None else {}
     trials, record = {}, {}
     for b in setting(scale, task, "tuned"):
         for t_lr, t_w in tuned_trials(task, scale, lr, warmup, epochs, b):
@@ -333,7 +335,7 @@ def tune(runner: Runner, task: str, scale: dict, work: Path, lr: float, warmup: 
         for (tb, t_lr, t_w), job in trials.items():
             if tb == b:
                 jobs["tuned_trial", b, f"{t_lr:g},{t_w:g}"] = job
-        for s in cell:
+        for s in cell[:fewer.get(b, len(cell))]:
             jobs["tuned", b, s] = Job(tuned_overrides(task, scale, b, *best, s),
                                       work / "runs" / "tuned" / f"batch={b},seed={s}")
     runner.run_many([j for (row, *_), j in jobs.items() if row == "tuned"])
