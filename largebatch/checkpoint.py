@@ -23,10 +23,10 @@ import torch
 
 from largebatch.errors import ConfigError, DiskFullError, LargebatchError
 from largebatch.fileio import atomic_write_json, content_hash, replace_dir
+from largebatch.runfolder import CHECKPOINTS
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"  # every file of a checkpoint with its size and checksum, written last
 # Keys that may differ between a run and its resumption (everything else must match).
 RESUMABLE_DIFFERENCES = {"resume", "overwrite", "progress", "logger", "keep_checkpoints", "checkpoint_every_epochs",

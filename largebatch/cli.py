@@ -27,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from largebatch.config import CONF_DIR, compose, register_configs, validate
 from largebatch.errors import LargebatchError, fail
+from largebatch.runfolder import FAILED, STATUS
 
 log = logging.getLogger("largebatch")
 
@@ -90,9 +91,27 @@ def _record_refusal(run_dir: Path, cfg, error: Exception) -> None:
         return
     try:
         write_hydra_records(run_dir, cfg)
-        atomic_write_json(run_dir / "status.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+        atomic_write_json(run_dir / STATUS, {"status": FAILED, "error": f"{type(error).__name__}: {error}"})
     except OSError:
         pass  # a folder that cannot be written: the error line still says why
+
+
+def scale_settings(cfg) -> str:
+    """What ``scale=<name>`` sets for this model and dataset, in one line: the keys of the two preset files the
+    scale selects (``conf/scale_preset/<model>_<scale>.yaml``, ``conf/data_preset/<data>_<scale>.yaml`` where it
+    exists), each with its file."""
+    from omegaconf import OmegaConf
+
+    from largebatch.config import CONF_DIR
+    from largebatch.report.runs import flatten_config
+
+    parts = []
+    for group, name in (("scale_preset", cfg.model.name), ("data_preset", cfg.data.name)):
+        path = CONF_DIR / group / f"{name}_{cfg.scale}.yaml"
+        if path.is_file():
+            keys = flatten_config(OmegaConf.to_container(OmegaConf.load(path)))
+            parts.append(f"{path.relative_to(CONF_DIR.parent)}: " + ", ".join(f"{k}={v}" for k, v in keys.items()))
+    return "; ".join(parts) or "nothing beyond the defaults"
 
 
 def _check_output_dirs(argv: list[str]) -> None:
@@ -254,6 +273,7 @@ def plan_main(argv: list[str] | None = None) -> None:
             **described,
             "optimizer": f"{cfg0.optimizer.name} (ref lr {cfg0.scaling.ref_lr:g} at batch {cfg0.scaling.ref_batch})",
             "scaling": cfg0.scaling.rule, "schedule": cfg0.schedule.name, "world_size": args.world_size,
+            f"scale={cfg0.scale} sets": scale_settings(cfg0),
         }
         print(format_plan([p for _, plans, _ in rows for p in plans], header))
         print()
@@ -264,12 +284,13 @@ def plan_main(argv: list[str] | None = None) -> None:
 
         curves = []
         for cfg, plans, _ in rows:
-            lrs = []
+            lrs, samples = [], []
             for p in plans:
                 lr_at = lr_schedule(cfg.schedule, p)
                 lrs += [lr_at(i) for i in range(p.total_steps)]
-            curves.append({"label": f"{cfg.optimizer.name} batch {plans[0].batch}", "lrs": lrs,
-                           "samples_per_step": plans[0].batch})
+                before = samples[-1] if samples else 0
+                samples += [before + p.batch * (i + 1) for i in range(p.total_steps)]
+            curves.append({"label": f"{cfg.optimizer.name} batch {plans[0].batch}", "lrs": lrs, "samples": samples})
         plot_planned_lr(curves, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
 

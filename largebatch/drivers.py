@@ -39,7 +39,8 @@ from largebatch.config import compose
 from largebatch.errors import ConfigError, LargebatchError
 from largebatch.fileio import atomic_write_json
 from largebatch.pool import train_in_worker, worker_init
-from largebatch.report.runs import BOOKKEEPING_KEYS, flatten_config, key_matches, read_json
+from largebatch.report.runs import BOOKKEEPING_KEYS, flatten_config, key_matches
+from largebatch.runfolder import CONFIG, SUMMARY, read_json, run_action
 from largebatch.train import train  # looked up at call time by Runner._run_here (tests replace it)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,40 +65,29 @@ class DriverStopped(LargebatchError):
         self.prefix = "stopped"
 
 
+def load_ladders(name: str) -> dict:
+    """A driver's ladders, as a user edits them: ``conf/ladders/<name>.yaml`` (plain YAML, read as it is)."""
+    import yaml
+
+    from largebatch.config import CONF_DIR
+
+    path = CONF_DIR / "ladders" / f"{name}.yaml"
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read the ladders ({error}); restore it from git") from None
+
+
 def rel(path: Path) -> str:
     """``path`` relative to the repository when it lies inside it (shorter logs and records)."""
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
-def run_action(run_dir: Path) -> str:
-    """What to do with one run folder of the driver: "skip", "diverged", "resume" or "start".
-
-    skip: status.json says "finished" (the trainer writes it last) and summary.json is there, or, for a run
-    of a trainer that wrote no status.json, summary.json is there (that trainer wrote it last).
-    diverged: status.json says "failed" on a non-finite loss; the same run would diverge again.
-    resume: the folder holds anything else (status running/failed/interrupted, or records without a
-    status): the trainer continues it from its newest complete checkpoint, or starts it afresh there.
-    start: no folder, or an empty one.
-    """
-    run_dir = Path(run_dir)
-    status = read_json(run_dir / "status.json")
-    finished = (run_dir / "summary.json").is_file()
-    if isinstance(status, dict):
-        if status.get("status") == "failed" and str(status.get("error", "")).startswith("NonFiniteError"):
-            return "diverged"
-        return "skip" if status.get("status") == "finished" and finished else "resume"
-    if finished and not (run_dir / "status.json").exists():
-        return "skip"
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        return "resume"
-    return "start"
-
-
 def config_changes(run_dir: Path, cfg) -> list[str]:
     """How the config saved in ``run_dir`` differs from ``cfg`` (bookkeeping keys such as resume aside)."""
-    if not (Path(run_dir) / "config.yaml").is_file():
+    if not (Path(run_dir) / CONFIG).is_file():
         return []
-    saved = flatten_config(OmegaConf.to_container(OmegaConf.load(Path(run_dir) / "config.yaml"), resolve=True))
+    saved = flatten_config(OmegaConf.to_container(OmegaConf.load(Path(run_dir) / CONFIG), resolve=True))
     wanted = flatten_config(OmegaConf.to_container(cfg, resolve=True))
     return [f"{k}: {saved.get(k)!r} in the run, {wanted.get(k)!r} now" for k in sorted(saved.keys() | wanted.keys())
             if not key_matches(k, BOOKKEEPING_KEYS) and saved.get(k) != wanted.get(k)]
@@ -305,7 +295,7 @@ class Runner:
                          "finished" if job.action == "skip" else "diverged")
                 self._record(job)
                 if job.action == "skip":
-                    results[i] = json.loads((job.run_dir / "summary.json").read_text())
+                    results[i] = json.loads((job.run_dir / SUMMARY).read_text())
             else:
                 todo.append(i)
         self.progress.add(len(todo))
@@ -505,18 +495,3 @@ class Clock:
             if self.shared_with:
                 record["shared_with"] = sorted(self.shared_with)
             atomic_write_json(self.path, record)
-
-
-def copy_run_records(folders: dict[Path, Path], dest_root: Path,
-                     names: tuple[str, ...] = ("status.json", "config.yaml", "env.json", "plan.json", "metrics.jsonl",
-                                               "summary.json")) -> None:
-    """Copy each run's small records (not its checkpoints or model) from ``folders``' keys to ``dest_root`` /
-    their values (relative paths): the results folder then holds everything its report was computed from."""
-    import shutil
-
-    for run_dir, relative in folders.items():
-        dest = dest_root / relative
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            if (Path(run_dir) / name).exists():
-                shutil.copy2(Path(run_dir) / name, dest / name)

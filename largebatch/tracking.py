@@ -25,6 +25,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from largebatch import runfolder
 from largebatch.errors import ConfigError
 from largebatch.fileio import atomic_write_json, atomic_write_text
 
@@ -75,9 +76,6 @@ def environment(world_size: int = 1, device: str = "cpu") -> dict:
             "hardware": device_info()}
 
 
-DISK_FULL_STATUS = ".status.disk_full.json"  # status.json to swap in when the disk is too full to write one
-
-
 class RunRecorder:
     """Writes a run's records. ``resume_step``: continue a run's records, keeping the metric lines up to
     that step (lines a killed session wrote after its last checkpoint are dropped: the resumed run
@@ -92,19 +90,18 @@ class RunRecorder:
             return
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            atomic_write_text(self.run_dir / runfolder.CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
         except OSError as error:
             raise ConfigError(f"cannot write the run folder {self.run_dir}: {error.strerror}; choose a writable "
                               "hydra.run.dir") from None
         write_hydra_records(self.run_dir, cfg)
         # written now, while there is space: status() swaps it in (a rename needs none) if the disk fills
-        atomic_write_json(self.run_dir / DISK_FULL_STATUS, {"status": "failed", "error": (
+        atomic_write_json(self.run_dir / runfolder.DISK_FULL_STATUS, {"status": "failed", "error": (
             "DiskFullError: the disk filled while this run wrote its records; free space, then resume=auto")})
         self.status("running")
         # the first session's env.json stays; a resumed session records its own next to it
-        env_name = "env.json" if resume_step is None else f"env.resumed_at_step_{resume_step}.json"
-        atomic_write_json(self.run_dir / env_name, environment(world_size, device))
-        metrics = self.run_dir / "metrics.jsonl"
+        atomic_write_json(self.run_dir / runfolder.env_name(resume_step), environment(world_size, device))
+        metrics = self.run_dir / runfolder.METRICS
         if resume_step is not None and metrics.exists():
             kept = [line for line in metrics.read_text().splitlines() if _step_of(line) <= resume_step]
             atomic_write_text(metrics, "".join(f"{line}\n" for line in kept))
@@ -120,17 +117,17 @@ class RunRecorder:
         if not self.enabled:
             return
         try:
-            atomic_write_json(self.run_dir / "status.json", {"status": status, "time": time.strftime(
+            atomic_write_json(self.run_dir / runfolder.STATUS, {"status": status, "time": time.strftime(
                 "%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(), **_finite(details)})
         except OSError as error:
-            spare = self.run_dir / DISK_FULL_STATUS
+            spare = self.run_dir / runfolder.DISK_FULL_STATUS
             if error.errno != errno.ENOSPC or status == "finished" or not spare.is_file():
                 raise
-            os.replace(spare, self.run_dir / "status.json")
+            os.replace(spare, self.run_dir / runfolder.STATUS)
 
     def plan(self, plans: list) -> None:
         if self.enabled:
-            atomic_write_json(self.run_dir / "plan.json", [p.as_dict() for p in plans])
+            atomic_write_json(self.run_dir / runfolder.PLAN, [p.as_dict() for p in plans])
             if self._wandb:
                 self._wandb.config.update({"plan": [p.as_dict() for p in plans]}, allow_val_change=True)
 
@@ -144,7 +141,7 @@ class RunRecorder:
 
     def summary(self, summary: dict) -> None:
         if self.enabled:
-            atomic_write_json(self.run_dir / "summary.json", _finite(summary))
+            atomic_write_json(self.run_dir / runfolder.SUMMARY, _finite(summary))
             if self._wandb:
                 self._wandb.summary.update(summary)
 
@@ -175,7 +172,7 @@ def write_hydra_records(run_dir: Path, cfg) -> None:
         return
     folder = Path(run_dir) / ".hydra"
     folder.mkdir(exist_ok=True)
-    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(folder / runfolder.CONFIG, OmegaConf.to_yaml(cfg))
     atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(
         list(HydraConfig.get().overrides.task))))
 
@@ -189,7 +186,7 @@ def _start_wandb(cfg, run_dir: Path, resume: bool):
     """A resumed run continues the same W&B run (its id is kept in the run folder)."""
     import wandb
 
-    id_file = run_dir / "wandb_run_id"
+    id_file = run_dir / runfolder.WANDB_RUN_ID
     run_id = id_file.read_text().strip() if resume and id_file.is_file() else uuid.uuid4().hex[:12]
     atomic_write_text(id_file, run_id + "\n")
 

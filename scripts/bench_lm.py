@@ -9,7 +9,6 @@ stateful windows, the loss summed over the window / streams, clip_grad_norm_, SG
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -23,6 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from largebatch.config import compose  # noqa: E402
 from largebatch.data.ptb import batchify  # noqa: E402
+from largebatch.runfolder import read_metrics  # noqa: E402
 from largebatch.tasks import build_task  # noqa: E402
 from largebatch.tracking import environment  # noqa: E402
 from largebatch.train import train  # noqa: E402
@@ -35,7 +35,7 @@ def trainer_tokens_per_s(steps: int, workdir: Path) -> float:
     cfg = compose([*RECIPE, f"epochs={steps / 2323}", f"log_every={steps // 5}", "data.max_tokens=null"])
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
     train(cfg, run_dir)
-    windows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = read_metrics(run_dir)
     return statistics.mean([m["tokens_per_s"] for m in windows if "tokens_per_s" in m][1:])
 
 

@@ -13,7 +13,6 @@ so that machine noise hits both sides alike.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, str(REPO))
 from largebatch.config import compose  # noqa: E402
 from largebatch.data import build_mlm_data  # noqa: E402
 from largebatch.models.bert import build_bert  # noqa: E402
+from largebatch.runfolder import read_metrics  # noqa: E402
 from largebatch.tracking import environment  # noqa: E402
 from largebatch.train import train  # noqa: E402
 
@@ -47,7 +47,7 @@ def trainer_samples_per_s(batch: int, steps: int, workdir: Path) -> float:
                    f"log_every={log_every}", "schedule.warmup_epochs=0"])
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
     train(cfg, run_dir)
-    windows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = read_metrics(run_dir)
     rates = [m["samples_per_s"] for m in windows if "samples_per_s" in m][1:]
     return statistics.mean(rates)
 

@@ -22,15 +22,15 @@ sys.path.insert(0, str(REPO))
 from matplotlib.figure import Figure  # noqa: E402
 
 from largebatch import protocol as P  # noqa: E402
-from largebatch.drivers import copy_run_records, rel  # noqa: E402
+from largebatch.drivers import rel  # noqa: E402
 from largebatch.fileio import atomic_write_text  # noqa: E402
 from largebatch.report.plots import save_figure  # noqa: E402
-from largebatch.report.runs import read_json, read_metrics  # noqa: E402
+from largebatch.runfolder import ENV, copy_records, read_json, read_metrics, read_plan  # noqa: E402
 
 
 def probe(run_dir: Path, select: str, report: str, margin: float, last: int = 3) -> dict:
     """The plateau and overfitting epochs of one run, from its records."""
-    plan = (read_json(run_dir / "plan.json") or [{}])[-1]
+    plan = (read_plan(run_dir) or [{}])[-1]
     per_epoch = plan["steps_per_epoch"]
     metrics = read_metrics(run_dir)
     evals = [m for m in metrics if select in m and "loss" not in m]
@@ -46,7 +46,7 @@ def probe(run_dir: Path, select: str, report: str, margin: float, last: int = 3)
 
 
 def render(run_dir: Path, p: dict, select: str, report: str, margin: float, records: Path) -> str:
-    env = read_json(run_dir / "env.json") or {}
+    env = read_json(run_dir / ENV) or {}
     rows = [f"| {e:g} | {m[select]:.4f} | {s:.4f} | {m[select.rsplit('/', 1)[0] + '/loss']:.4f} | "
             f"{m.get(report, float('nan')):.4f} |" for e, m, s in zip(p["epochs"], p["evals"], p["smooth"])]
     quarters = " | ".join(fmt_scale(q) for q in p["noise"])
@@ -95,7 +95,7 @@ def main(argv=None) -> Path:
     p = probe(args.run, args.select, args.report, args.margin)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.run.resolve() != (args.out / "run").resolve():
-        copy_run_records({args.run: "run"}, args.out)
+        copy_records({args.run: "run"}, args.out)
     atomic_write_text(args.out / "table.md", render(args.run, p, args.select, args.report, args.margin,
                                                     (args.out / "run").resolve()))
     plot(p, args.select, args.out / "curve.png")

@@ -36,11 +36,11 @@ sys.path.insert(0, str(REPO / "scripts"))
 import reproduce_table1 as T1  # noqa: E402
 
 from largebatch import protocol as P  # noqa: E402
-from largebatch.drivers import Job, copy_run_records, rel, run_action  # noqa: E402
+from largebatch.drivers import Job, rel  # noqa: E402
 from largebatch.errors import LargebatchError, fail  # noqa: E402
 from largebatch.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from largebatch.report import ladder as L  # noqa: E402
-from largebatch.report.runs import read_json, read_metrics  # noqa: E402
+from largebatch.runfolder import copy_records, read_json, read_metrics, read_plan, run_action  # noqa: E402
 from largebatch.tracking import environment  # noqa: E402
 
 TOP = 128
@@ -152,7 +152,7 @@ def lr_section(jobs: dict, floor: float | None = None) -> tuple[list[str], list[
 
 def long_section(job: Job) -> tuple[list[str], dict]:
     metrics = read_metrics(job.run_dir)
-    plan = (read_json(job.run_dir / "plan.json") or [{}])[-1]
+    plan = (read_plan(job.run_dir) or [{}])[-1]
     parts = P.noise_scale_by_part([m for m in metrics if "loss" in m], parts=8)
     if not any(parts):
         return ["- The long run has no B_simple yet (not run, or still running)."], {}
@@ -229,7 +229,7 @@ def main(argv=None) -> Path:
         shutil.rmtree(results)
     folders = {j.run_dir: j.run_dir.relative_to(work) for j in [*ljobs.values(), long, *tuned.values()]
                if j.run_dir.exists()}
-    copy_run_records(folders, results / "runs")
+    copy_records(folders, results / "runs")
     from largebatch.report.unigram import unigram_baseline_from_run
 
     first = next((j.run_dir for j in ljobs.values() if run_action(j.run_dir) == "skip"), None)

@@ -38,11 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from largebatch import protocol as P  # noqa: E402
-from largebatch.drivers import Job, Runner, copy_run_records, rel, run_action  # noqa: E402
+from largebatch.drivers import Job, Runner, rel  # noqa: E402
 from largebatch.errors import LargebatchError, fail  # noqa: E402
 from largebatch.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from largebatch.report import ladder as L  # noqa: E402
-from largebatch.report.runs import read_json, read_metrics  # noqa: E402
+from largebatch.runfolder import copy_records, read_json, read_metrics, read_plan, run_action  # noqa: E402
 from largebatch.tracking import environment  # noqa: E402
 
 TASK = ["experiment=mnist_lstm", "data=fashion_mnist", "data.valid_size=5000", "data.max_train=49152",
@@ -197,7 +197,7 @@ def main(argv=None) -> Path:
     spe = {}
     for a in arms.values():
         for (_, b, _), job in a["jobs"].items():
-            plan = read_json(job.run_dir / "plan.json")
+            plan = read_plan(job.run_dir)
             if plan:
                 spe[b] = plan[-1]["steps_per_epoch"]
     for a in arms.values():
@@ -208,7 +208,7 @@ def main(argv=None) -> Path:
     folders = {job.run_dir: job.run_dir.relative_to(work) for a in arms.values() for job in a["jobs"].values()
                if job.run_dir.exists()}
     folders.update({p.parent: p.parent.relative_to(work) for p in work.glob("sgd/sweep/*/summary.json")})
-    copy_run_records(folders, results / "runs")
+    copy_records(folders, results / "runs")
     text = render(arms, results, run_s)
     atomic_write_text(results / "table.md", text)
     atomic_write_json(results / "provenance.json", {

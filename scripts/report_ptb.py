@@ -10,8 +10,6 @@ for the small model is test perplexity <= 5% above Zaremba's.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -20,13 +18,24 @@ sys.path.insert(0, str(REPO))
 
 from largebatch.fileio import atomic_write_text  # noqa: E402
 from largebatch.report.runs import user_command  # noqa: E402
+from largebatch.runfolder import (  # noqa: E402
+    ENV,
+    RECORDS,
+    SUMMARY,
+    copy_records,
+    read_config,
+    read_json,
+    read_metrics,
+    read_plan,
+    run_action,
+    status_of,
+)
 
 REFERENCES = {  # size: (Zaremba valid, test), (TensorFlow tutorial valid, test)
     "small": ((120.7, 114.5), (121.4, 115.9)),
     "medium": ((86.2, 82.7), (86.2, 82.1)),
     "large": ((82.2, 78.4), (82.6, 78.3)),
 }
-RECORDS = ("config.yaml", "env.json", "plan.json", "metrics.jsonl", "summary.json", "status.json")
 
 
 
@@ -37,23 +46,19 @@ def main() -> None:
     args = parser.parse_args()
     run = args.run_dir
     # status.json; runs of the trainer before it existed have only summary.json when they finished
-    status = (json.loads((run / "status.json").read_text())["status"] if (run / "status.json").exists()
-              else "finished" if (run / "summary.json").exists() else "unfinished")
+    status = "finished" if run_action(run) == "skip" else status_of(run)
     if status != "finished":
         raise SystemExit(f"error: {run} is not a finished run (status {status})")
-    import yaml
 
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    env = json.loads((run / "env.json").read_text())
-    summary = json.loads((run / "summary.json").read_text())
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    cfg = read_config(run)
+    env, summary, lines = read_json(run / ENV), read_json(run / SUMMARY), read_metrics(run)
     evals = [m for m in lines if "eval/ppl" in m]
     rates = [m["tokens_per_s"] for m in lines if "tokens_per_s" in m]
     size = cfg["model"]["size"]
     (paper_valid, paper_test), (tf_valid, tf_test) = REFERENCES[size]
     bound = paper_test * 1.05
     test = summary["test/ppl"]
-    spe = json.loads((run / "plan.json").read_text())[0]["steps_per_epoch"]
+    spe = read_plan(run)[0]["steps_per_epoch"]
     bench = REPO / "results" / "bench" / "lm.md"
 
     rows = [f"| {m['step'] / spe:.0f} | {m['eval/ppl']:.1f} | {m['test/ppl']:.1f} |" for m in evals]
@@ -93,10 +98,7 @@ def main() -> None:
         "max_epoch=4).",
         "",
     ])
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name in RECORDS:
-        if (run / name).exists():
-            shutil.copy(run / name, args.out / name)
+    copy_records({run: Path(".")}, args.out, RECORDS)
     atomic_write_text(args.out / "table.md", text)
     print(text)
 

@@ -9,7 +9,6 @@ the run's records; nothing is typed by hand.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -19,9 +18,18 @@ sys.path.insert(0, str(REPO))
 
 from largebatch.fileio import atomic_write_text  # noqa: E402
 from largebatch.report.runs import user_command  # noqa: E402
-
-RECORDS = ("config.yaml", "env.json", "plan.json", "metrics.jsonl", "summary.json", "status.json", "examples.md")
-
+from largebatch.runfolder import (  # noqa: E402
+    ENV,
+    EXAMPLES,
+    RECORDS,
+    SUMMARY,
+    copy_records,
+    read_config,
+    read_json,
+    read_metrics,
+    read_plan,
+    status_of,
+)
 
 
 def main() -> None:
@@ -32,18 +40,15 @@ def main() -> None:
                         help="a sentence on how the run was made that its records cannot say (repeatable)")
     args = parser.parse_args()
     run = args.run_dir
-    status = json.loads((run / "status.json").read_text())["status"]
+    status = status_of(run)
     if status != "finished":
         raise SystemExit(f"error: {run} is not a finished run (status {status})")
-    import yaml
 
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    env = json.loads((run / "env.json").read_text())
-    s = json.loads((run / "summary.json").read_text())
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    cfg = read_config(run)
+    env, s, lines = read_json(run / ENV), read_json(run / SUMMARY), read_metrics(run)
     evals = [m for m in lines if "eval/bleu" in m]
     rates = [m["samples_per_s"] for m in lines if "samples_per_s" in m]
-    plan = json.loads((run / "plan.json").read_text())[0]
+    plan = read_plan(run)[0]
     spe = plan["steps_per_epoch"]
     m, d = cfg["model"], cfg["data"]
     hw = env["hardware"]
@@ -97,9 +102,7 @@ def main() -> None:
         "",
         *(["## Notes", "", *(f"- {note}" for note in args.note), ""] if args.note else []),
     ])
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name in RECORDS:
-        shutil.copy(run / name, args.out / name)
+    copy_records({run: Path(".")}, args.out, (*RECORDS, EXAMPLES))
     (args.out / "translations").mkdir(exist_ok=True)
     shutil.copy(run / "translations" / "test.hyp", args.out / "translations" / "test.hyp")
     atomic_write_text(args.out / "README.md", text)

@@ -45,18 +45,17 @@ from largebatch.drivers import (  # noqa: E402
     DriverStopped,
     Job,
     Runner,
-    copy_run_records,
     finite_or_inf,
+    load_ladders,
     next_lr,
     rel,
-    run_action,
     widening_sweep,
 )
 from largebatch.errors import LargebatchError, fail  # noqa: E402
 from largebatch.fileio import atomic_write_json  # noqa: E402
 from largebatch.report import ladder as L  # noqa: E402
 from largebatch.report import legw as legw_report  # noqa: E402
-from largebatch.report.runs import read_json, read_metrics  # noqa: E402
+from largebatch.runfolder import copy_records, read_json, read_metrics, run_action  # noqa: E402
 
 RULES = ("legw", "sqrt", "linear", "none")
 
@@ -85,89 +84,9 @@ TASKS = {
                     paper="GNMT: batch 128 -> 2048 (16x) at the base's BLEU; here 32 -> 512, "
                     "scored by valid perplexity (BLEU is ~0 at this scale)"),
 }
-# Protocol defaults of every scale (a scale or task spec may set its own): the target's fresh seeds, the
-# seeds of every other cell, the rungs with a tuned row and its search, the epoch budgets read from the runs
-# (None: the run's end), and linear's warmup (Goyal's 5/90 of the run, or the base's).
-PROTOCOL = dict(target_seeds=3, seeds=2, tuned=(), tuning="grid", budgets=(None,), goyal_warmup=True)
-
-# Per scale and task: ``train`` (overrides of every run), ``ladder`` (base first), ``seeds`` (on the base and
-# top rungs), ``lr_grid``/``max_widen`` (the lr sweep at ``warmup``), ``warmup_grid`` (epochs; widened by
-# doubling up to epochs / k_top, the longest warmup LEGW can scale to the top rung). The small scale's costs
-# and plans: experiments/legw/README.md.
-SCALES = {
-    "smoke": dict(  # seconds per task; tests/test_reproduce_legw.py runs it
-        results="outputs/legw_smoke", jobs=1, seeds=1, target_seeds=2, max_widen=0, checkpoint_every=0.5,
-        tasks={
-            "ptb": dict(train=["scale=tiny", "model.dropout=0", "epochs=1", "eval_every_epochs=0.5",
-                               "schedule.decay_start_epoch=0.5"],
-                        ladder=[4, 16], lr_grid=[0.3, 1.0], warmup=0.0, warmup_grid=[0.0, 0.03]),
-            "mnist_lstm": dict(train=["scale=tiny", "data.max_train=512", "epochs=1", "eval_every_epochs=0.25"],
-                               ladder=[16, 64], lr_grid=[1e-3, 3e-3], warmup=0.0, warmup_grid=[0.0, 0.1],
-                               tuned=[64], tuning="halton:3", budgets=[0.5, None]),
-            "seq2seq": dict(train=["scale=tiny", "data.max_train=128", "epochs=1", "eval_every_epochs=0.5"],
-                            ladder=[8, 32], lr_grid=[1e-3, 3e-3], warmup=0.0, warmup_grid=[0.0, 0.1]),
-            "resnet": dict(train=["scale=tiny", "data.max_train=256", "epochs=1", "eval_every_epochs=0.5",
-                                  "schedule.milestones=[0.5]"],
-                           ladder=[16, 64], lr_grid=[0.03, 0.1], warmup=0.0, warmup_grid=[0.0, 0.1]),
-        }),
-    "small": dict(  # the committed results: each task <= 90 min on 2 cores, 239 min in all (measured)
-        results="results/legw", seeds=2, max_widen=3,
-        tasks={
-            # 1 epoch of full PTB (Zaremba: 13), at the peak lr throughout as Zaremba's first (he keeps the peak
-            # for 4 of 13 epochs, then x0.5 per epoch); 36 steps at batch 1280. A 2-epoch run took ~13 min at batch 20
-            # on one thread, and larger rungs cost about as much per token (the 10k-word softmax dominates): 2
-            # epochs would take ~160 min of the machine, past the 90-minute budget; 1 epoch ~80.
-            "ptb": dict(train=["epochs=1", "eval_every_epochs=0.25", "micro_batch=80"],
-                        ladder=[20, 80, 320, 640, 1280], lr_grid=[0.3, 1.0, 3.0], warmup=0.0,
-                        warmup_grid=[0.0, 0.0078125, 0.015625]),
-            # 15 epochs of 57,344 Fashion-MNIST images (7 x 8192): 105 steps at batch 8192.
-            # 20 epochs of 49,152 Fashion-MNIST images (6 x 8192; 5,000 more are validation), read at 12 and 20
-            # epochs from the same constant-lr runs: a base run to 60 epochs (results/legw/mnist_lstm_budget/)
-            # is within 1% of its best validation accuracy from epoch 12 and has its lowest validation loss at
-            # 16, so 60 adds only overfitting. 120 steps at batch 8192. The base warmup is fixed in advance at 0.25 epochs
-            # (LEGW's k x 0.25 = 16 of the 20 epochs at the top rung); only the lr is swept, on validation.
-            # 4 rungs (128, 512, 2048, 8192): 3 seeds at the base and the top, 2 at the middle two; linear at 2048
-            # and 8192, the tuned oracle (3 trials) at 512 and 8192: ~37 runs of ~6.5 min on one thread each
-            # (~2 h on 2 workers).
-            "mnist_lstm": dict(train=["epochs=20", "data.max_train=49152", "eval_every_epochs=1.0", "eval_batch=1000"],
-                               ladder=[128, 512, 2048, 8192], lr_grid=[1e-3, 3e-3, 1e-2], warmup=0.25,
-                               warmup_grid=[0.25], budgets=[12, None], tuned=[512, 8192], tuning="halton:3",
-                               seeds=3, rules={"linear": [2048, 8192], "none": []}, seeds_by_rung={512: 2, 2048: 2}),
-            # 2x128 on 4,096 verse pairs (8 x 512: the first 4,097 less the one over 80 BPE tokens, measured) for
-            # 2 epochs: 16 steps at batch 512; 200 valid pairs, no beam-search test decode. Every rung runs
-            # micro-batches of 32: a micro-batch of 512 trains fewer pairs a second on this CPU, not more (its
-            # 512 x 80 x 8,000 logits). 2x256 on 16,384 pairs, the first plan, ran 21 pairs/s: ~26 min a run.
-            "seq2seq": dict(train=["scale=small", "model.hidden=128", "data.max_train=4097", "data.max_eval=200",
-                                   "epochs=2", "eval_every_epochs=0.5", "micro_batch=32", "final_eval=false"],
-                            ladder=[32, 64, 128, 256, 512], lr_grid=[3e-4, 1e-3, 3e-3], warmup=0.0,
-                            warmup_grid=[0.0, 0.03125, 0.0625]),
-            # ResNet-20 on 12,288 Fashion-MNIST images (6 x 2048) for 5 epochs (x0.1 at 1/3, 2/3 and 8/9 of them,
-            # as Goyal's 30/60/80 of 90): 30 steps at batch 2048; 2,000 test images per eval.
-            "resnet": dict(train=["epochs=5", "data.max_train=12288", "schedule.milestones=[1.667,3.333,4.444]",
-                                  "eval_every_epochs=0.5", "eval_max_batches=4"],
-                           ladder=[64, 256, 512, 1024, 2048], lr_grid=[0.03, 0.1, 0.3], warmup=0.04,
-                           warmup_grid=[0.0, 0.04, 0.08]),
-        }),
-    "gpu": dict(  # one CUDA device, each run planned for < 10 min on an H100 (never run yet)
-        results="results/legw_gpu", seeds=2, max_widen=3, jobs=1, checkpoint_every=1.0,
-        tasks={
-            "ptb": dict(train=["eval_every_epochs=0.5", "micro_batch=1280"],  # Zaremba's 13 epochs
-                        ladder=[20, 80, 160, 320, 640, 1280], lr_grid=[0.3, 1.0, 3.0], warmup=0.0,
-                        warmup_grid=[0.0, 0.05, 0.1]),
-            "mnist_lstm": dict(train=["epochs=50", "data.max_train=57344", "micro_batch=8192"],
-                               ladder=[128, 256, 512, 1024, 2048, 4096, 8192], lr_grid=[3e-4, 1e-3, 3e-3],
-                               warmup=0.0, warmup_grid=[0.0, 0.2, 0.4]),
-            # 28,672 pairs (56 x 512) after the length filter: 28,754 kept 28,673 (measured), so 28,753
-            "seq2seq": dict(train=["scale=small", "data.max_train=28753", "epochs=8", "eval_every_epochs=0.5",
-                                   "micro_batch=512"],
-                            ladder=[32, 64, 128, 256, 512], lr_grid=[3e-4, 1e-3, 3e-3], warmup=0.0,
-                            warmup_grid=[0.0, 0.125, 0.25]),
-            "resnet": dict(train=["epochs=24", "data.max_train=57344", "schedule.milestones=[8.0,16.0,21.333]",
-                                  "eval_every_epochs=1.0", "micro_batch=128"],
-                           ladder=[64, 128, 256, 512, 1024, 2048, 4096], lr_grid=[0.03, 0.1, 0.3], warmup=0.1875,
-                           warmup_grid=[0.0, 0.1875, 0.375]),
-        }),
-}
+# The ladders (rungs, seeds, grids, budgets per scale and task) and the protocol's defaults: conf/ladders/legw.yaml.
+LADDERS = load_ladders("legw")
+PROTOCOL, SCALES = LADDERS["protocol"], LADDERS["scales"]
 log = logging.getLogger("reproduce_legw")
 
 
@@ -385,7 +304,7 @@ def reproduce_task(task: str, args, scale: dict, runner: LegwRunner, work: Path,
                         else s, "trial": row == "tuned_trial", "dir": job.run_dir, "record": folder})
     entries.sort(key=entry_order)
     for e in entries:  # one by one: with no base warmup a sqrt run is also the legw rung's
-        copy_run_records({e["dir"]: e["record"]}, results)
+        copy_records({e["dir"]: e["record"]}, results)
     atomic_write_json(results / "sweep.json", record)
     # Training time of every run of the task (sweep included), from the runs' own summaries, and the driver's
     # elapsed time: run with other tasks, it shares the workers with them, so the first is the task's cost.

@@ -57,20 +57,25 @@ from largebatch.drivers import (  # noqa: E402, F401
     Job,
     config_changes,
     finite_or_inf,
+    load_ladders,
     next_lr,
     rel,
-    run_action,
     train,
     widening_sweep,
 )
 from largebatch.errors import ConfigError, LargebatchError, fail  # noqa: E402
 from largebatch.fileio import atomic_write_json  # noqa: E402
 from largebatch.report import ladder as L  # noqa: E402
-from largebatch.report.runs import read_json, read_metrics  # noqa: E402
+from largebatch.runfolder import (  # noqa: E402
+    DOWNSTREAM,
+    DOWNSTREAM_RANDOM,
+    RECORDS,
+    copy_records,
+    read_json,
+    read_metrics,
+    run_action,
+)
 
-# The ladder's budget at seq 32 (experiment=lamb_table1): 1/3 epoch = 38,912 samples at every rung.
-SMALL_LADDER = [2, 4, 8, 16, 32, 64, 128]
-MIXED_SEQ = ["stages.0.seq_len=16", "stages.1.seq_len=32"]  # the ladder's length for the last stage, half before
 # Every run holds out 5% of the documents as a test split apart from the 5% of validation: verdicts read the
 # test loss, selection (the sweep, the tuned trials) and the evaluation curves the validation loss.
 PROTOCOL_TRAIN = ["data.test_fraction=0.05"]
@@ -84,45 +89,8 @@ def optimizer_overrides(opt: str, scale: dict) -> list[str]:
     """What an optimizer's rows add to every run: AdamW's global gradient clip."""
     clip = scale.get("adamw_clip_norm", ADAMW_CLIP_NORM)
     return [f"optimizer.grad_clip_norm={clip}"] if opt == "adamw" and clip is not None else []
-SCALES = {
-    "smoke": dict(  # seconds; a test runs it
-        ladder=[8, 32], seeds=1, target_seeds=2, tuned=[32], tuning="halton:3", lars=[8], sweep=None,
-        results="outputs/lamb_table1_smoke/results", jobs=1,
-        train=["scale=tiny", "data.max_documents=200", "data.train_multiple_of=64", "data.seq_len=64", "epochs=0.25",
-               "eval_every_epochs=0.125", "eval_max_batches=1", "scaling.ref_batch=8",
-               "schedule.warmup_epochs=0.01"],
-        mixed=["stages.0.batch=64", "stages.1.batch=32", "stages.0.seq_len=32", "stages.1.seq_len=64",
-               "stages.1.warmup_fraction=0.25"],
-        lrs={"lamb": 2e-3, "adamw": 3e-4, "lars_paper": 2e-3},
-        finetune=["--max-train", "64", "--max-eval", "64", "--threads", "0"]),
-    "quick": dict(  # < 20 minutes: the protocol on 3 rungs (8 -> 32), half the samples, the committed lrs
-        # 19,456 samples a rung (608 steps at 32: the top rung where the small ladder still beats the unigram),
-        # eval every 2,048 samples (9 points, the same at every rung); the lr and warmup scale by the sqrt rule
-        # from the committed sweep's batch 2. LARS (it barely left the unigram at small), the mixed-batch row (at
-        # this budget its 256-sample first stage ends above the unigram) and the fine-tuning probe (at the
-        # majority class) are left out.
-        ladder=[8, 16, 32], seeds=1, target_seeds=2, tuned=[32], tuning="halton:3", lars=[], sweep=None,
-        results="outputs/lamb_table1_quick/results",
-        train=["epochs=0.16666666667", "eval_every_epochs=0.0175438596", "schedule.warmup_epochs=0.00052083333"],
-        mixed=None, lrs="results/lamb_table1/lr_sweep.json", finetune=None),
-    "small": dict(  # the committed results: 7 rungs x 2 optimizers x 2 seeds, LARS, mixed; ~1.5 h on 2 cores
-        ladder=SMALL_LADDER, seeds=2, target_seeds=3, tuned=[8, 32, 128], tuning="grid", lars=[2, 16, 128],
-        results="results/lamb_table1", train=[],
-        sweep=dict(fraction=0.25, max_widen=4,
-                   grid={"lamb": [1e-3, 3e-3, 1e-2], "adamw": [1e-4, 3e-4, 1e-3], "lars_paper": [1e-3, 3e-3, 1e-2]}),
-        mixed=[*MIXED_SEQ, "stages.1.warmup_fraction=0.128"], lrs=None, finetune=["--threads", "1"]),
-    "gpu": dict(  # one CUDA device, planned for under 10 minutes (never run yet: experiments/lamb_table1/README.md)
-        ladder=[32, 64, 128, 256, 512, 1024, 2048], seeds=1, target_seeds=3, tuned=[256, 2048], tuning="halton:5",
-        lars=[32, 256, 2048], results="results/lamb_table1_gpu",
-        jobs=1, checkpoint_every=1.0,
-        train=["model.size=mini", "data.seq_len=128", "data.train_multiple_of=2048", "scaling.ref_batch=32",
-               "epochs=8", "schedule.warmup_epochs=0.025", "eval_every_epochs=0.6153846154", "micro_batch=2048",
-               "eval_batch=256", "eval_max_batches=4"],
-        sweep=dict(fraction=0.25, max_widen=2,
-                   grid={"lamb": [3e-3, 1e-2, 3e-2], "adamw": [3e-4, 1e-3, 3e-3], "lars_paper": [3e-3, 1e-2, 3e-2]}),
-        mixed=["stages.0.batch=4096", "stages.1.batch=2048", "stages.0.seq_len=64", "stages.1.seq_len=128",
-               "stages.1.warmup_fraction=0.128"], lrs=None, finetune=["--threads", "0"]),
-}
+# The ladders of every scale (rungs, seeds, grids, budgets): conf/ladders/lamb_table1.yaml.
+SCALES = load_ladders("lamb_table1")["scales"]
 log = logging.getLogger("reproduce_table1")
 
 
@@ -256,10 +224,10 @@ def finetune(run_dirs: list[Path], scale: dict, runner, jobs: int) -> None:
     t0 = time.perf_counter()
     first = scored[0]
     calls = []
-    if read_json(first / "downstream_random.json") is None:
+    if read_json(first / DOWNSTREAM_RANDOM) is None:
         calls.append([str(first), "--random-init", *scale["finetune"]])  # both ways, once: the same config
     both_ways = bool(calls)
-    todo = [d for d in scored if read_json(d / "downstream.json") is None and not (both_ways and d == first)]
+    todo = [d for d in scored if read_json(d / DOWNSTREAM) is None and not (both_ways and d == first)]
     parts = [todo[i::jobs] for i in range(jobs)]
     calls += [[*map(str, part), *scale["finetune"]] for part in parts if part]
     if jobs == 1 or len(calls) == 1:
@@ -281,10 +249,9 @@ def _report(args, scale, out, clock, runner, run_dirs, lrs, sweep_record, tuned,
     if results.exists():
         shutil.rmtree(results)
     # the small records of every run, beside the report
-    drivers.copy_run_records({d: d.relative_to(runs) for d in run_dirs}, results / "runs", (
-        "status.json", "config.yaml", "env.json", "plan.json", "metrics.jsonl", "summary.json", "downstream.json",
-        "downstream_random.json"))
-    drivers.copy_run_records({job.run_dir: job.run_dir.relative_to(out) for job in tuned.values()}, results)
+    copy_records({d: d.relative_to(runs) for d in run_dirs}, results / "runs", (*RECORDS, DOWNSTREAM,
+                                                                                  DOWNSTREAM_RANDOM))
+    copy_records({job.run_dir: job.run_dir.relative_to(out) for job in tuned.values()}, results)
     atomic_write_json(results / "lr_sweep.json", sweep_record)
     wall = clock.total_s()
     atomic_write_json(results / "reproduce.json", {

@@ -46,3 +46,19 @@ def test_scale_presets_and_user_overrides(compose_cfg):
     assert compose_cfg("micro_batch=8").micro_batch == 8  # the command line beats the preset
     paper = compose_cfg("scale=paper")
     assert (paper.model.size, paper.data.seq_len, paper.precision) == ("large", 128, "bf16")
+
+
+@pytest.mark.parametrize("overrides", [["scale=tiny"], ["scale=tiny", "model=lstm_lm", "data=ptb"], ["scale=small"]])
+def test_lb_plan_says_in_one_line_what_a_scale_sets(overrides):
+    """`lb-plan scale=...` names the preset files the scale selects and every key they set, with the value the
+    composed config holds."""
+    from largebatch.cli import scale_settings
+    from largebatch.config import compose
+
+    cfg = compose(overrides)
+    line = scale_settings(cfg)
+    assert f"conf/scale_preset/{cfg.model.name}_{cfg.scale}.yaml" in line
+    for part in line.split("; "):
+        for setting in part.split(": ", 1)[1].split(", "):
+            key, value = setting.split("=", 1)
+            assert str(OmegaConf.select(cfg, key)) == value, (key, value)

@@ -1,6 +1,7 @@
 """`make reproduce-table1 SCALE=smoke`: the whole pipeline (ladder, mixed batch, fine-tuning, report)
 on a tiny config, writing outside results/; and run again, it skips finished runs and resumes the
-unfinished one."""
+unfinished one (the system tier: the driver end to end). The driver's pieces are tested on their own in
+the fast tier."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def smoke(driver, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.system  # the driver end to end: ~3 min on 2 cores
 def test_smoke_table_end_to_end(driver, smoke):
     assert not driver.SCALES["smoke"]["results"].startswith("results/")  # never overwrites committed results
     results = smoke / "results"
@@ -54,6 +56,7 @@ def test_smoke_table_end_to_end(driver, smoke):
         assert driver.run_action(run) == "skip"
 
 
+@pytest.mark.system  # the driver end to end: ~3 min on 2 cores
 def test_smoke_table_has_every_element_of_the_protocol(driver, smoke):
     """Validation selects and test reports; each base rung on fresh seeds; intervals and interval verdicts;
     a tuned row with its budget; steps to result for three targets; the McCandlish fit; B_simple by quarter;
@@ -79,6 +82,7 @@ def _lines(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.system  # the driver end to end: ~3 min on 2 cores
 def test_run_again_skips_finished_runs_and_resumes_the_killed_one(driver, smoke):
     """A SIGKILL after the run's second periodic checkpoint, made by hand: the newest checkpoint, the model,
     the summary and the fine-tune are gone and status.json still says running."""

@@ -231,9 +231,9 @@ def test_ghost_batchnorm_is_batchnorm_over_each_group():
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index(compose_cfg):
+    from largebatch.data.augment import SmallImages
     from largebatch.plan import build_plans
     from largebatch.tasks import build_task
-    from largebatch.tasks.vision import SmallImages
 
     images = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)
     labels = torch.arange(10)
@@ -288,8 +288,8 @@ def write_image_folder(root, classes=("ant", "bee", "cat"), train_per_class=12, 
 
 
 def test_image_folder_trains_with_top5_and_deterministic_crops(compose_cfg, tmp_path):
+    from largebatch.data.augment import FolderImages
     from largebatch.data.images import load_image_folder
-    from largebatch.tasks.vision import FolderImages
 
     folder = write_image_folder(tmp_path / "imagenet")
     splits = load_image_folder(folder)

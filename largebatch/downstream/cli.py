@@ -19,6 +19,7 @@ from largebatch.downstream.classify import finetune_classification
 from largebatch.downstream.pretrained import checked_model_dir
 from largebatch.downstream.squad import finetune_squad
 from largebatch.errors import ConfigError, LargebatchError, fail
+from largebatch.runfolder import DOWNSTREAM
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="also fine-tune the same config from random weights (-> downstream_random.json)")
     parser.add_argument("--squad-train", type=Path, help="SQuAD v1.1 train JSON: fine-tune on SQuAD instead")
     parser.add_argument("--squad-dev", type=Path, help="SQuAD v1.1 dev JSON (with --squad-train)")
-    parser.add_argument("--out", default="downstream.json", help="file name written inside each RUN_DIR")
+    parser.add_argument("--out", default=DOWNSTREAM, help="file name written inside each RUN_DIR")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=float, help="default: 1 (classification), 3 (SQuAD)")
     parser.add_argument("--lr", type=float, help="default: 1e-4 (classification), 5e-5 (SQuAD)")

@@ -19,12 +19,11 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from matplotlib.figure import Figure
-
 from largebatch import protocol as P
-from largebatch.report.plots import save_figure
-from largebatch.report.runs import load_run, read_json, read_metrics
+from largebatch.report.plots import plot_ladder_steps
+from largebatch.report.runs import load_run
 from largebatch.report.text import fmt, table
+from largebatch.runfolder import read_metrics, read_plan
 
 
 @dataclass
@@ -64,7 +63,7 @@ def load(entries: list[dict], select_key: str, report_key: str) -> list[Run]:
     for e in entries:
         info = load_run(Path(e["dir"]))
         metrics = read_metrics(Path(e["dir"]))
-        plan = (read_json(Path(e["dir"]) / "plan.json") or [{}])[-1]
+        plan = (read_plan(Path(e["dir"])) or [{}])[-1]
         ok = info["status"] == "ok"
         per_epoch = plan.get("steps_per_epoch")
         select = _curve(metrics, select_key, per_epoch) if ok else []
@@ -196,34 +195,9 @@ def fit(steps: dict, row: str, index: int, base: tuple[str, int] | None = None) 
     return P.fit_critical_batch(list(pts), list(pts.values()))
 
 
-def plot_steps(curves: dict[str, dict[int, float]], fits: dict[str, P.CriticalBatchFit | None],
-               noise: dict[int, list], path: Path, base: int | None = None) -> Path:
-    """Steps to the strictest target against the batch, a line per row, with perfect scaling from the base,
-    each McCandlish fit and the measured B_simple of the last quarter of training (the median over rungs)."""
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    batches = sorted({b for c in curves.values() for b in c} | set(noise))
-    for i, (name, c) in enumerate(curves.items()):
-        pts = sorted(c.items())
-        if pts:
-            ax.plot([b for b, _ in pts], [s for _, s in pts], marker="os^v*D"[i % 6], label=name)
-    first = next((c[base] for c in curves.values() if base in c), None)
-    if first and batches:
-        ax.plot(batches, [first * base / b for b in batches], "k--", lw=0.8, label="perfect scaling")
-    for name, f in fits.items():
-        if f is not None and batches:
-            ax.plot(batches, [f.steps(b) for b in batches], color="grey", lw=1.5, alpha=0.6,
-                    label=f"fit ({name}): B_crit {f.b_crit:.3g}")
-    late = P.finite(q[-1] for q in noise.values() if q)
-    if late:
-        ax.axvline(statistics.median(late), color="tab:red", lw=0.8, ls=":", label="B_simple, last quarter")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("steps to the strictest target")
-    ax.legend(fontsize=7)
-    ax.set_title("steps to result (validation)")
-    return save_figure(fig, Path(path), 120)
+def late_noise(noise: dict[int, list]) -> list[float]:
+    """B_simple of the last quarter of training, one value a rung (where one was measured)."""
+    return P.finite(q[-1] for q in noise.values() if q)
 
 
 def noise_by_batch(runs: list[Run]) -> dict[int, list[float | None]]:
@@ -367,7 +341,7 @@ def rows_section(entries: list[dict], spec: Spec, *, names: dict[str, str] | Non
     noise = noise_by_batch([r for r in runs if not r.trial])
     out += noise_section(noise, fits)
     if plot is not None:
-        plot_steps(curves, fits, noise, plot, base=min(base_of[r] for r in shown) if shown else None)
+        plot_ladder_steps(curves, fits, late_noise(noise), plot, ladder=list(noise), base=min(base_of[r] for r in shown) if shown else None)
         out += [f"![steps to result]({Path(plot).name})", ""]
     record["critical_batch_fit"] = {k: vars(f) if f else None for k, f in fits.items()}
     return out, record

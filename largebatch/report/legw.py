@@ -11,16 +11,13 @@ largebatch/protocol.py, docs/protocol.md) from the run folders.
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
-
-from matplotlib.figure import Figure
 
 from largebatch import protocol as P
 from largebatch.fileio import atomic_write_json, atomic_write_text
 from largebatch.report import ladder as L
-from largebatch.report.plots import save_figure
+from largebatch.report.plots import plot_ladder_metric, plot_ladder_steps
+from largebatch.report.text import write_csv
 
 RULE_ORDER = ("legw", "sqrt", "linear", "none", "tuned")
 RULE_NAMES = {"legw": "sqrt + LEGW", "sqrt": "sqrt (no LEGW)", "linear": "linear (Goyal)", "none": "none",
@@ -94,16 +91,10 @@ def epochs_to_target(runs: list[L.Run], spec: L.Spec, target: float, base: int, 
 
 
 def write_runs_csv(runs: list[L.Run], spec: L.Spec, path: Path) -> Path:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for r in runs:
-        writer.writerow({"row": r.row, "batch": r.batch, "seed": r.seed, "trial": r.trial, "status": r.status,
-                         "select": L.value(r, "select", None, spec.last), "report": L.value(r, "report", None, spec.last),
-                         "peak_lr": r.peak_lr, "warmup_epochs": r.warmup_epochs, "steps": r.steps,
-                         "wall_time_s": r.wall_time_s, "note": r.note, "run": r.record})
-    atomic_write_text(path, buf.getvalue())
-    return path
+    return write_csv([{"row": r.row, "batch": r.batch, "seed": r.seed, "trial": r.trial, "status": r.status,
+                       "select": L.value(r, "select", None, spec.last), "report": L.value(r, "report", None, spec.last),
+                       "peak_lr": r.peak_lr, "warmup_epochs": r.warmup_epochs, "steps": r.steps,
+                       "wall_time_s": r.wall_time_s, "note": r.note, "run": r.record} for r in runs], COLUMNS, path)
 
 
 def render(runs, spec: L.Spec, by_budget: list[dict], *, title: str, claim: str, lines: list[str], base: int,
@@ -134,32 +125,18 @@ def render(runs, spec: L.Spec, by_budget: list[dict], *, title: str, claim: str,
 
 
 def plot_metric_vs_batch(assessed: dict, rows: list[str], base: int, spec: L.Spec, path: Path) -> Path:
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    target_cell = assessed["cells"].get(("base", base))
-    for rule in rows:
-        pts = [(b, c.interval) for (r, b), c in sorted(assessed["cells"].items(), key=lambda kv: kv[0][1])
-               if (r == rule or (r == "base" and b == base)) and c.interval is not None]
-        if not pts:
-            continue
-        line, marker = RULE_STYLE.get(rule, ("-", "o"))
-        lo = [i.mean - (i.lo if i.lo is not None else i.mean) for _, i in pts]
-        hi = [(i.hi if i.hi is not None else i.mean) - i.mean for _, i in pts]
-        ax.errorbar([b for b, _ in pts], [i.mean for _, i in pts], yerr=[lo, hi], ls=line, marker=marker, capsize=3,
-                    label=RULE_NAMES.get(rule, rule))
-    if target_cell is not None and target_cell.interval is not None:
-        t = target_cell.interval.mean
-        m = spec.margin_at(t)
-        ax.axhline(t, color="k", lw=0.8, ls="--", label="target (base batch)")
-        ax.axhspan(t - m, t + m, color="k", alpha=0.08, label="margin")
-    if spec.baseline is not None:
-        ax.axhline(spec.baseline, color="r", lw=0.8, ls=":", label=spec.baseline_name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel(spec.report_key)
-    ax.legend(fontsize=7)
-    ax.set_title(f"{spec.report_key} at {L.budget_name(assessed['budget'])} (95% intervals)")
-    return save_figure(fig, path, 120)
+    """Each rule's cells (mean, 95% interval) against the batch, from the shared base rung."""
+    cells = sorted(assessed["cells"].items(), key=lambda kv: kv[0][1])
+    series = {RULE_NAMES.get(rule, rule): [(b, i.mean, i.mean if i.lo is None else i.lo, i.mean if i.hi is None else i.hi)
+                                           for (r, b), c in cells if (r == rule or (r, b) == ("base", base))
+                                           and (i := c.interval) is not None] for rule in rows}
+    target = assessed["cells"].get(("base", base))
+    t = target.interval.mean if target is not None and target.interval is not None else None
+    return plot_ladder_metric(series, path, metric=spec.report_key,
+                              title=f"{spec.report_key} at {L.budget_name(assessed['budget'])} (95% intervals)",
+                              target=t, margin=spec.margin_at(t) if t is not None else None,
+                              baseline=(spec.baseline, spec.baseline_name) if spec.baseline is not None else None,
+                              styles={RULE_NAMES.get(r, r): style for r, style in RULE_STYLE.items()})
 
 
 def write_legw_report(entries: list[dict], out_dir: Path, *, task: str, spec: L.Spec, title: str = "LEGW at reduced scale",
@@ -193,8 +170,9 @@ def write_legw_report(entries: list[dict], out_dir: Path, *, task: str, spec: L.
     curves = {RULE_NAMES.get(rule, rule): {b: s[-1] for (r, b), s in steps.items()
                                            if (r == rule or (r, b) == ("base", base)) and s and s[-1]}
               for rule in rows}
-    files["steps_to_target.png"] = L.plot_steps(curves, fits, L.noise_by_batch([r for r in runs if not r.trial]),
-                                                out_dir / "steps_to_target.png", base=base)
+    noise = L.noise_by_batch([r for r in runs if not r.trial])
+    files["steps_to_target.png"] = plot_ladder_steps(curves, fits, L.late_noise(noise), out_dir / "steps_to_target.png",
+                                                     base=base, ladder=list(noise))
     reach = {rule: L.reach_of(main, rule, base) for rule in rows}
     atomic_write_json(out_dir / "provenance.json", {
         **(provenance or {}), "task": task, "select_metric": spec.select_key, "report_metric": spec.report_key,

@@ -5,15 +5,18 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import statistics
 import tempfile
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from largebatch.report.runs import optimizer_rank, read_metrics
+from largebatch.report.runs import optimizer_rank
 from largebatch.report.summary import Cell, ladder, variants
+from largebatch.runfolder import read_metrics
 
 MAX_LEGEND = 12  # curves per panel beyond which the legend is left out
+MARKERS = "os^v*D"
 
 
 def save_figure(fig: Figure, path: Path, dpi: int) -> Path:
@@ -29,6 +32,94 @@ def save_figure(fig: Figure, path: Path, dpi: int) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def batch_axis(ax, batches, label: str = "global batch") -> None:
+    """A log2 batch axis ticked at the ladder's own batch sizes (not every 2^k: their labels overlap)."""
+    ax.set_xscale("log", base=2)
+    batches = sorted({b for b in batches if b})
+    if batches:
+        ax.set_xticks(batches, labels=[str(b) for b in batches])
+        ax.tick_params(axis="x", labelrotation=45 if len(batches) > 6 else 0)
+    ax.set_xlabel(label)
+
+
+def errorbars(ax, points: list[tuple[float, float, float, float]], label: str, **style):
+    """(batch, mean, lower, upper) points as one line with asymmetric error bars."""
+    points = sorted(points)
+    return ax.errorbar([p[0] for p in points], [p[1] for p in points],
+                       yerr=[[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]], capsize=3, label=label,
+                       **style)
+
+
+def perfect_scaling(ax, batches, value: float, base: float, steps: bool = True, **style) -> None:
+    """What perfect scaling from ``value`` at batch ``base`` gives: steps halve when the batch doubles (samples
+    stay flat)."""
+    batches = sorted(set(batches))
+    ax.plot(batches, [value * base / b if steps else value for b in batches], **{"ls": "--", **style})
+
+
+def plot_ladder_metric(series: dict[str, list[tuple[float, float, float, float]]], path: Path, *, metric: str,
+                       title: str, target: float | None = None, margin: float | None = None,
+                       baseline: tuple[float, str] | None = None, styles: dict[str, tuple[str, str]] | None = None
+                       ) -> Path:
+    """A ladder's metric against the batch: each row's (batch, mean, 95% interval) points, the target with its
+    equivalence margin, and the trivial baseline the base must beat."""
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for i, (name, points) in enumerate(series.items()):
+        if points:
+            line, marker = (styles or {}).get(name, ("-", MARKERS[i % len(MARKERS)]))
+            errorbars(ax, points, name, ls=line, marker=marker)
+    if target is not None:
+        ax.axhline(target, color="k", lw=0.8, ls="--", label="target (base batch)")
+        if margin:
+            ax.axhspan(target - margin, target + margin, color="k", alpha=0.08, label="margin")
+    if baseline is not None:
+        ax.axhline(baseline[0], color="r", lw=0.8, ls=":", label=baseline[1])
+    # the view spans the means, the target and the baseline: a 2-seed t interval can run far past any
+    # meaningful value (an accuracy below 0), and would squash every mean into a line (its bar leaves the view)
+    shown = [p[1] for points in series.values() for p in points] + [y for y in (target, (baseline or [None])[0])
+                                                                     if y is not None]
+    if shown:
+        pad = 0.15 * ((max(shown) - min(shown)) or abs(max(shown)) or 1.0)
+        ax.set_ylim(min(shown) - pad, max(shown) + pad)
+    batch_axis(ax, [p[0] for points in series.values() for p in points], "batch size")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    return save_figure(fig, path, 120)
+
+
+def plot_ladder_steps(curves: dict[str, dict[int, float]], fits: dict, noise: list[float], path: Path,
+                      base: int | None = None, ladder: list[int] = ()) -> Path:
+    """Steps to the strictest target against the batch, a line per row, with perfect scaling from the base,
+    each McCandlish fit (an object with ``b_crit`` and ``steps(batch)``) and the measured B_simple of the last
+    quarter of training (``noise``: one value a rung; the median is drawn) over the ``ladder``'s batches."""
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    batches = sorted({b for c in curves.values() for b in c} | set(ladder))
+    for i, (name, c) in enumerate(curves.items()):
+        pts = sorted(c.items())
+        if pts:
+            ax.plot([b for b, _ in pts], [s for _, s in pts], marker=MARKERS[i % len(MARKERS)], label=name)
+    first = next((c[base] for c in curves.values() if base in c), None)
+    if first and batches:
+        perfect_scaling(ax, batches, first, base, color="k", lw=0.8, label="perfect scaling")
+    for name, f in fits.items():
+        if f is not None and batches:
+            ax.plot(batches, [f.steps(b) for b in batches], color="grey", lw=1.5, alpha=0.6,
+                    label=f"fit ({name}): B_crit {f.b_crit:.3g}")
+    if noise:
+        ax.axvline(statistics.median(noise), color="tab:red", lw=0.8, ls=":", label="B_simple, last quarter")
+    batch_axis(ax, batches, "batch size")
+    ax.set_yscale("log")
+    ax.set_ylabel("steps to the strictest target")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title("steps to result (validation)")
+    return save_figure(fig, Path(path), 120)
 
 
 def _optimizers(items, key) -> list[str]:
@@ -54,9 +145,9 @@ def plot_metric_vs_batch(cells: list[Cell], path: Path, unigram: dict | None = N
                 if not rungs:
                     continue
                 name = opt if n == 0 and not rungs[0].differs_in else f"{opt} {rungs[0].differs_in}"
-                line = ax.errorbar([c.batch for c in rungs], [c.mean(key) for c in rungs],
-                                   yerr=[c.std(key) or 0.0 for c in rungs], marker="o", capsize=3, label=name,
-                                   linestyle="-" if n == 0 else ":")
+                line = errorbars(ax, [(c.batch, c.mean(key), c.mean(key) - (c.std(key) or 0.0),
+                                       c.mean(key) + (c.std(key) or 0.0)) for c in rungs], name, marker="o",
+                                 linestyle="-" if n == 0 else ":")
                 plotted = True
                 color = color or line[0].get_color()
             for c in (c for c in cells if c.optimizer == opt and c.stages > 1 and c.mean(key) is not None):
@@ -73,9 +164,8 @@ def plot_metric_vs_batch(cells: list[Cell], path: Path, unigram: dict | None = N
         if not plotted:
             ax.text(0.5, 0.5, f"no run has {label}", ha="center", va="center", transform=ax.transAxes)
         else:
-            ax.set_xscale("log", base=2)
+            batch_axis(ax, [c.batch for c in cells], "global batch (last stage)")
             ax.legend(fontsize=8)
-        ax.set_xlabel("global batch (last stage)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.suptitle("End-of-training metrics against batch size (same sample budget)")
@@ -143,10 +233,8 @@ def plot_steps_to_target(cells: list[Cell], path: Path, target: dict | None = No
     doubles); beside it samples to target, whose perfect scaling is flat."""
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)
-    # perfect scaling of (value at the base rung, base batch, batch)
-    panels = [("steps_to_target", "steps to target", lambda value, base_batch, b: value * base_batch / b),
-              ("samples_to_target", "samples to target", lambda value, base_batch, b: value)]
-    for ax, (key, label, perfect) in zip(axes, panels):
+    panels = [("steps_to_target", "steps to target", True), ("samples_to_target", "samples to target", False)]
+    for ax, (key, label, steps) in zip(axes, panels):
         plotted = False
         for opt in _optimizers(cells, lambda c: c.optimizer):
             rungs = ladder(cells, opt)
@@ -156,18 +244,15 @@ def plot_steps_to_target(cells: list[Cell], path: Path, target: dict | None = No
             line = ax.plot([c.batch for c in reached], [c.mean(key) for c in reached], marker="o", label=opt)[0]
             plotted = True
             if rungs[0].mean(key) is not None:  # perfect scaling from the base rung, over the whole ladder
-                xs = [c.batch for c in rungs]
-                ax.plot(xs, [perfect(rungs[0].mean(key), rungs[0].batch, b) for b in xs], linestyle="--", color=line.get_color(), alpha=0.6,
-                        label=f"{opt} perfect scaling")
+                perfect_scaling(ax, [c.batch for c in rungs], rungs[0].mean(key), rungs[0].batch, steps=steps,
+                                color=line.get_color(), alpha=0.6, label=f"{opt} perfect scaling")
         if plotted:
-            ax.set_xscale("log", base=2)
+            batch_axis(ax, [c.batch for c in cells if c.stages == 1])
             ax.set_yscale("log")
-            batches = sorted({c.batch for c in cells if c.stages == 1 and c.batch})
-            ax.set_xticks(batches, labels=[str(b) for b in batches])  # the ladder's own batch sizes, not 2^k
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no run reached a target loss", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xlabel("global batch")
+            ax.set_xlabel("global batch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
     shown = f" {target['loss']:.4f}" if target else ""

@@ -12,11 +12,20 @@ and why they stopped, so a sweep's failures are never dropped silently nor mixed
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from largebatch.runfolder import (  # noqa: F401 - the readers' home
+    DOWNSTREAM,
+    DOWNSTREAM_RANDOM,
+    PLAN,
+    STATUS,
+    SUMMARY,
+    config_path,
+    read_config,
+    read_json,
+    read_metrics,
+)
 
 # runs.csv columns, in order. ``batch``: the global batch of the (last) stage, an int; ``batch_schedule``:
 # the label, "256" for one stage, "512@32/256@64" (batch@seq_len per stage) for several. ``differs_in``: the
@@ -53,7 +62,7 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
             # Hydra's own .hydra/ folder holds a config.yaml too; it belongs to its parent run.
             if any(part.startswith(".") for part in d.relative_to(root).parts):
                 continue
-            if (d / "config.yaml").is_file() or (d / ".hydra" / "config.yaml").is_file():
+            if config_path(d) is not None:
                 found.add(d.resolve())
     return sorted(found)
 
@@ -136,10 +145,10 @@ def optimizer_rank(name) -> tuple:
 
 def load_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir).resolve()
-    cfg = _load_config(run_dir)
-    plan = read_json(run_dir / "plan.json") or []
-    summary = read_json(run_dir / "summary.json")
-    recorded = read_json(run_dir / "status.json")
+    cfg = read_config(run_dir)
+    plan = read_json(run_dir / PLAN) or []
+    summary = read_json(run_dir / SUMMARY)
+    recorded = read_json(run_dir / STATUS)
     recorded = recorded if isinstance(recorded, dict) else None
     metrics = read_metrics(run_dir)
     train_lines = [m for m in metrics if "loss" in m]
@@ -147,8 +156,8 @@ def load_run(run_dir: Path) -> dict:
     stages = plan or _stages_from_config(cfg)
     batch_schedule = (str(stages[-1]["batch"]) if len(stages) == 1
                       else "/".join(f"{s['batch']}@{s['seq_len']}" for s in stages))
-    down = read_json(run_dir / "downstream.json") or {}
-    down_random = read_json(run_dir / "downstream_random.json") or {}
+    down = read_json(run_dir / DOWNSTREAM) or {}
+    down_random = read_json(run_dir / DOWNSTREAM_RANDOM) or {}
     summary_or_empty = summary or {}
     status = _status(recorded, summary)
     row = {
@@ -306,19 +315,6 @@ def _last_error_line(run_dir: Path) -> str | None:
     return None
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a run killed mid-write leaves a torn last line
-            continue
-    return out
-
-
 def _stages_from_config(cfg: dict) -> list[dict]:
     """Stage batches and lengths as configured, for runs that died before writing plan.json."""
     batch, seq_len = _get(cfg, "batch"), _get(cfg, "data.seq_len")
@@ -328,17 +324,6 @@ def _stages_from_config(cfg: dict) -> list[dict]:
     return [{"batch": s.get("batch") or batch, "seq_len": s.get("seq_len") or seq_len} for s in stages]
 
 
-def _load_config(run_dir: Path) -> dict:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        path = run_dir / ".hydra" / "config.yaml"
-    cfg = OmegaConf.load(path)
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # Hydra's copy may hold interpolations (${now:...}) that only resolve inside Hydra
-        return OmegaConf.to_container(cfg, resolve=False)
-
-
 def _get(cfg: dict, dotted: str):
     node = cfg
     for key in dotted.split("."):
@@ -346,14 +331,6 @@ def _get(cfg: dict, dotted: str):
             return None
         node = node[key]
     return node
-
-
-def read_json(path: Path):
-    """A run file's JSON, or None when it is absent or torn."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _finite(x):

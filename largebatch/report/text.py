@@ -1,8 +1,12 @@
-"""Numbers as the reports print them: one formatter for every table (lb-report's and the ladders')."""
+"""Numbers and tables as the reports write them: one formatter, one markdown table and one CSV writer for every
+report (lb-report's and the ladders')."""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+from pathlib import Path
 
 
 def fmt(x, digits: int = 4) -> str:
@@ -16,6 +20,21 @@ def fmt(x, digits: int = 4) -> str:
 
 
 def table(headers: list, body: list[list]) -> list[str]:
-    """A markdown table's lines."""
-    return ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers),
-            *("| " + " | ".join(map(str, row)) + " |" for row in body)]
+    """A markdown table's lines (a "|" inside a cell is escaped)."""
+    def row(cells) -> str:
+        return "| " + " | ".join(str(x).replace("|", "\\|") for x in cells) + " |"
+
+    return [row(headers), "|" + "---|" * len(headers), *map(row, body)]
+
+
+def write_csv(rows: list[dict], columns: list[str], path: Path) -> Path:
+    """``rows`` as CSV with these columns (others ignored; None written empty), atomically."""
+    from largebatch.fileio import atomic_write_text
+
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in columns})
+    atomic_write_text(Path(path), buffer.getvalue())
+    return Path(path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from largebatch.report.runs import read_json
+from largebatch.runfolder import CONFIG, SUMMARY, read_json, read_plan
 
 IGNORE_INDEX = -100  # label of unmasked positions (largebatch.models.bert.IGNORE_INDEX)
 
@@ -75,16 +75,16 @@ def unigram_baseline_from_run(run_dir: Path) -> dict:
     from largebatch.data import build_mlm_data
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} has no config.yaml")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    plan = read_json(run_dir / "plan.json")
+    if not (run_dir / CONFIG).is_file():
+        raise FileNotFoundError(f"{run_dir} has no {CONFIG}")
+    cfg = OmegaConf.load(run_dir / CONFIG)
+    plan = read_plan(run_dir)
     seq_len = plan[-1]["seq_len"] if plan else cfg.data.seq_len
     data = build_mlm_data(cfg.data, cfg.model.vocab_size, seq_len, cfg.seed)
     result = unigram_baseline_from_data(data, eval_limit(cfg))
     if data.test is not None:  # the test split's own floor: verdicts that read test compare with it
         result["test"] = unigram_baseline_from_data(data, eval_limit(cfg), "test")
-    run_tokens = (read_json(run_dir / "summary.json") or {}).get("eval/tokens")
+    run_tokens = (read_json(run_dir / SUMMARY) or {}).get("eval/tokens")
     return {**result, "seq_len": seq_len, "source": str(run_dir), "run_eval_tokens": run_tokens,
             "matches_run_eval_tokens": None if run_tokens is None else run_tokens == result["eval_tokens"]}
 

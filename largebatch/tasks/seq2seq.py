@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from largebatch import runfolder
 from largebatch.data.batching import STAGE_EPOCH_STRIDE, index_steps
 from largebatch.data.parallel import (
     PairDataset,
@@ -183,7 +184,7 @@ class TranslationTask(Task):
             lines = [f"# Example translations (test split, {result['test/decoder']})", ""]
             for s, r, h in list(zip(sources, refs, hyps))[:EXAMPLES]:
                 lines += [f"- source:     {s}", f"  reference:  {r}", f"  hypothesis: {h}", ""]
-            atomic_write_text(Path(run_dir) / "examples.md", "\n".join(lines))
+            atomic_write_text(Path(run_dir) / runfolder.EXAMPLES, "\n".join(lines))
         return result
 
     def _eval_batches(self, dataset: PairDataset, limit: int | None, accelerator) -> list[list[int]]:

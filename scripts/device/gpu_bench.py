@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import shutil
 import statistics
 import subprocess
@@ -250,14 +249,14 @@ def _recompiles() -> int:
 def lb_train(overrides: list[str], cache_dir: str) -> dict:
     """The trainer in this process with these overrides; tokens/s of its log lines after the first."""
     from largebatch.config import compose
+    from largebatch.runfolder import read_metrics
     from largebatch.train import train
 
     run = Path(tempfile.mkdtemp(prefix="gpu_bench_run_"))
     cfg = compose([*overrides, f"data.cache_dir={cache_dir}"])
     started = time.perf_counter()
     train(cfg, run)
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    rates = [line["tokens_per_s"] for line in lines if "tokens_per_s" in line]
+    rates = [line["tokens_per_s"] for line in read_metrics(run) if "tokens_per_s" in line]
     shutil.rmtree(run, ignore_errors=True)
     return {"tokens_per_s": statistics.median(rates[1:] or rates), "log_lines": len(rates),
             "wall_s": time.perf_counter() - started, "num_workers": cfg.data.num_workers}
