@@ -18,6 +18,9 @@ scaling (lr x k, Goyal's recipe) does not. Every task follows the protocol of do
   5. the report (:mod:`largebatch.report.legw`): runs.csv, table.md (test metric, 95% intervals, interval
      verdicts, steps to result, the McCandlish fit, B_simple by quarter), plots, provenance.json and each
      run's small records, in ``results/legw/<task>/`` (SCALE=smoke: outputs/legw_smoke/<task>/).
+  6. opt-in, ``--steps-to-result RULE``: the base rung's and RULE's runs again with ``stop_at`` at the strictest
+     validation target, so each ends at its steps to result; steps_to_result.md says what that saved
+     (:mod:`largebatch.report.steps_to_result`).
 
 Runs go to a pool of ``--jobs`` worker processes, longest first, and live in outputs/legw/<scale>/<task>/
 (--work for another folder). Run again with the same arguments, it skips finished runs, keeps diverged ones
@@ -55,6 +58,7 @@ from largebatch.errors import LargebatchError, fail  # noqa: E402
 from largebatch.fileio import atomic_write_json  # noqa: E402
 from largebatch.report import ladder as L  # noqa: E402
 from largebatch.report import legw as legw_report  # noqa: E402
+from largebatch.report import steps_to_result as stop_report  # noqa: E402
 from largebatch.runfolder import copy_records, read_json, read_metrics, run_action  # noqa: E402
 
 RULES = ("legw", "sqrt", "linear", "none")
@@ -261,6 +265,48 @@ def tune(runner: Runner, task: str, scale: dict, work: Path, lr: float, warmup: 
     return jobs, record
 
 
+STUDY = "steps_to_result"  # the stop_at study's folder, in the work folder and in the results folder
+
+
+def validation_target(task: str, scale: dict, jobs: dict) -> float | None:
+    """The strictest validation target of the steps-to-result table: the base rung's runs' mean final
+    validation metric (None where no base run finished)."""
+    spec = task_spec(task, scale)
+    base = [{"row": row, "batch": b, "seed": s, "dir": job.run_dir} for (row, b, s), job in jobs.items() if row == "base"]
+    targets = L.step_targets(spec, L.load(base, spec.select_key, spec.report_key))
+    return targets[-1] if targets else None
+
+
+def steps_to_result_jobs(task: str, scale: dict, work: Path, lr: float, warmup: float, epochs: float,
+                         seeds: int | None, rules: list[str], target: float) -> dict:
+    """{(row, batch, seed): Job}: the base rung's runs and ``rules``' rungs again, each ending at the first
+    evaluation that strictly beats ``target`` on the task's selection metric, in work/steps_to_result/ (a
+    run folder holds one config: the full runs keep theirs in work/runs/)."""
+    select = TASKS[task]["select"]
+    stop = [f"stop_at={stop_report.stop_value(target, TASKS[task]['higher_is_better'])!r}", f"stop_metric={select}"]
+    full = ladder_jobs(task, scale, work, lr, warmup, epochs, seeds)  # fresh jobs: run_many completes overrides
+    return {key: Job([*job.overrides, *stop], work / STUDY / job.run_dir.relative_to(work / "runs"))
+            for key, job in full.items() if key[0] in ("base", *rules)}
+
+
+def write_study(task: str, args, study: dict, target: float, results: Path) -> Path:
+    """Copy the stopped runs' records beside the full runs' and write steps_to_result.md and .json."""
+    entries = []
+    for (row, b, s), job in sorted(study.items(), key=lambda item: (ROW_ORDER.index(item[0][0]), *item[0][1:])):
+        record = f"batch={b},seed={s}"
+        copy_records({job.run_dir: f"{STUDY}/{row}/{record}"}, results)
+        entries.append({"row": row, "batch": b, "seed": s, "dir": results / STUDY / row / record,
+                        "full": results / "runs" / row / record})
+    out = stop_report.write(entries, results, title=f"Steps to result with stop_at ({args.scale}): {task}",
+                            select_key=TASKS[task]["select"], target=target,
+                            higher_is_better=TASKS[task]["higher_is_better"], names=legw_report.RULE_NAMES)
+    for r in out["runs"]:
+        if not r.agrees:
+            log.warning("%s %s %d seed %d stopped at step %s, its full run beats the target at %s", task, r.row,
+                        r.batch, r.seed, r.step, r.full_step)
+    return out["files"]["steps_to_result.md"]
+
+
 def task_spec(task: str, scale: dict | None = None, v1: bool = False) -> L.Spec:
     """The report's protocol settings for ``task`` (v1: the committed runs' single eval metric)."""
     t = TASKS[task]
@@ -284,6 +330,14 @@ def reproduce_task(task: str, args, scale: dict, runner: LegwRunner, work: Path,
     tuned_jobs, tuned_record = tune(runner, task, scale, work, lr, warmup, epochs, args.seeds)
     jobs.update(tuned_jobs)
     record["tuned"] = {str(b): r for b, r in tuned_record.items()}
+    study, target = {}, None
+    if args.steps_to_result:
+        target = validation_target(task, scale, jobs)
+        if target is None:
+            log.warning("%s: no base run finished, so there is no target: no steps-to-result study", task)
+        else:
+            study = steps_to_result_jobs(task, scale, work, lr, warmup, epochs, args.seeds, args.steps_to_result, target)
+            runner.run_many(list({job.run_dir: job for job in study.values()}.values()))
 
     # A call that found every run finished only re-renders: it neither counts as a call nor shared the workers.
     def trained_in_this_call(name: str) -> bool:
@@ -306,10 +360,11 @@ def reproduce_task(task: str, args, scale: dict, runner: LegwRunner, work: Path,
     for e in entries:  # one by one: with no base warmup a sqrt run is also the legw rung's
         copy_records({e["dir"]: e["record"]}, results)
     atomic_write_json(results / "sweep.json", record)
-    # Training time of every run of the task (sweep included), from the runs' own summaries, and the driver's
-    # elapsed time: run with other tasks, it shares the workers with them, so the first is the task's cost.
-    run_s = sum(float(s.get("wall_time_s") or 0.0) for s in map(read_json, work.glob("**/summary.json"))
-                if isinstance(s, dict))
+    # Training time of every run of the task (sweep included; the steps-to-result study's runs are counted in its
+    # own file), from the runs' own summaries, and the driver's elapsed time: run with other tasks, it shares the
+    # workers with them, so the first is the task's cost.
+    run_s = sum(float(s.get("wall_time_s") or 0.0) for path in work.glob("**/summary.json")
+                if not path.is_relative_to(work / STUDY) and isinstance(s := read_json(path), dict))
     tuned = setting(scale, task, "tuned")
     tuning = (f"{next(iter(tuned_record.values()))['trials']} trials per rung, {setting(scale, task, 'tuning')}, "
               "selected on validation") if tuned_record else None
@@ -337,6 +392,8 @@ def reproduce_task(task: str, args, scale: dict, runner: LegwRunner, work: Path,
                     "seeds": rung_seeds(task, scale, args.seeds)[1], "tuned_rungs": list(tuned),
                     "work_folder": rel(work), "sweep": record,
                     "steps": [s for s in runner.steps if s.get("run_dir", "").startswith(rel(work) + "/")]})
+    if study:
+        log.info("%s: %s", task, rel(write_study(task, args, study, target, results)))
     log.info("%s: %s", task, rel(results))
     return results
 
@@ -418,6 +475,11 @@ def main(argv=None) -> list[Path]:
                         "folder skips finished runs and resumes unfinished ones")
     parser.add_argument("--tuning", help="the tuned row's search at each tuned rung: 'grid' (lr x 1/4..4, two "
                         "warmups) or 'halton:N' (N quasi-random trials); default: the scale's")
+    parser.add_argument("--steps-to-result", choices=RULES, action="append", nargs="?", const="legw", metavar="RULE",
+                        help="also run the base rung's and RULE's runs (default legw; repeat for several) again with "
+                        "stop_at at the strictest validation target, in <work>/<task>/steps_to_result/, and write "
+                        "steps_to_result.md: steps, samples and seconds to the target and the compute it saved. Give "
+                        "it on every call: the results folder is written afresh")
     parser.add_argument("--rerender", action="store_true", help="train nothing: render the committed tables "
                         "(results/legw/<task>/) again from their run records (protocol v1 ones under the protocol's "
                         "statistics, with their caveats)")

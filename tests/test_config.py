@@ -62,3 +62,41 @@ def test_lb_plan_says_in_one_line_what_a_scale_sets(overrides):
         for setting in part.split(": ", 1)[1].split(", "):
             key, value = setting.split("=", 1)
             assert str(OmegaConf.select(cfg, key)) == value, (key, value)
+
+
+def _schema_files():
+    """(YAML file, its schema dataclass) for train.yaml and every file of a group validated by a schema."""
+    import yaml
+
+    from largebatch import config as C
+
+    stored = {"train_schema": C.TrainConfig, **{f"{name}_schema": node for name, node in C.MODELS.items()},
+              "text_schema": C.TextDataConfig, "word_corpus_schema": C.WordCorpusConfig,
+              "image_schema": C.ImageDataConfig, "translation_schema": C.TranslationDataConfig,
+              "schedule_schema": C.ScheduleConfig, "scaling_schema": C.ScalingConfig, "logger_schema": C.LoggerConfig,
+              "batch_schedule_schema": getattr(C, "BatchScheduleConfig", None)}
+    for path in sorted(C.CONF_DIR.rglob("*.yaml")):
+        body = yaml.safe_load(path.read_text()) or {}
+        schemas = [d for d in body.get("defaults", []) if isinstance(d, str) and stored.get(d) is not None]
+        if schemas:
+            yield path, stored[schemas[0]], {k: v for k, v in body.items() if k != "defaults"}
+
+
+def test_every_default_has_one_home():
+    """A default lives in its YAML file (with the comment a user reads) or in its dataclass (config.py), never in
+    both: a YAML key whose value equals the dataclass field's default is a second home. Where one file owns a
+    schema (train.yaml, each model) or every file of a group sets a key, the YAML holds it and the field is
+    MISSING; where files of a group share a default, the dataclass holds it and the files set only what differs."""
+    import dataclasses
+
+    twice = []
+    for path, schema, body in _schema_files():
+        fields = {f.name: f for f in dataclasses.fields(schema)}
+        for key, value in body.items():
+            f = fields.get(key)
+            if f is None:
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if default == value:
+                twice.append(f"{path.relative_to(REPO)}: {key}: {value!r}")
+    assert not twice, "defaults with two homes (YAML and config.py):\n" + "\n".join(twice)
