@@ -12,9 +12,10 @@ SCALE ?= small
 SEEDS ?=
 JOBS ?=
 TASK ?=
+STEPS_TO_RESULT ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train smoke test test-system test-slow lint bench clean reproduce-table1 reproduce-legw legw-warmup-ablation lamb-studies
+.PHONY: help install train smoke test test-system test-slow lint bench clean reproduce-table1 reproduce-legw legw-warmup-ablation lamb-studies batch-ramp
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
@@ -37,11 +38,14 @@ train: $(STAMP) ## the main job: BERT masked-LM on the bundled corpus, prints ev
 reproduce-table1: $(STAMP) ## LAMB Table 1: SCALE=smoke|quick|small|gpu (small -> results/lamb_table1/), SEEDS=n, JOBS=n; rerun resumes
 	$(PY) scripts/reproduce_table1.py --scale $(SCALE) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS))
 
-reproduce-legw: $(STAMP) ## LEGW ladders: TASK=ptb|mnist_lstm|seq2seq|resnet or several ("mnist_lstm ptb": run together, the first first; empty: all four), SCALE=smoke|small|gpu (small -> results/legw/<task>/); rerun resumes
-	$(PY) scripts/reproduce_legw.py --scale $(SCALE) $(foreach t,$(TASK),--task $(t)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS))
+reproduce-legw: $(STAMP) ## LEGW ladders: TASK=ptb|mnist_lstm|seq2seq|resnet or several ("mnist_lstm ptb": run together, the first first; empty: all four), SCALE=smoke|small|gpu (small -> results/legw/<task>/), STEPS_TO_RESULT=legw (the stop_at study of these rules' rungs -> steps_to_result.md); rerun resumes
+	$(PY) scripts/reproduce_legw.py --scale $(SCALE) $(foreach t,$(TASK),--task $(t)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS)) $(foreach r,$(STEPS_TO_RESULT),--steps-to-result $(r))
 
 legw-warmup-ablation: $(STAMP) ## LEGW's warmup against sqrt alone near the stability edge (MNIST-LSTM; Adam and SGD arms) -> results/legw/warmup_ablation/; rerun resumes
 	$(PY) scripts/legw_warmup_ablation.py
+
+batch-ramp: $(STAMP) ## Smith et al. 2017 at CPU scale: decay the lr or grow the batch, same samples (MNIST-LSTM, 3 seeds, ~20 min) -> results/batch_ramp/smith/; rerun resumes
+	$(PY) scripts/batch_ramp_smith.py
 
 lamb-studies: $(STAMP) ## LAMB's lr robustness at the top rung, a long B_simple run, the tuned oracle head to head -> results/lamb_studies/; rerun resumes
 	$(PY) scripts/lamb_studies.py

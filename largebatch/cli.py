@@ -126,8 +126,30 @@ def _check_output_dirs(argv: list[str]) -> None:
                 fail(f"{key}={value} cannot be created ({existing} is not a writable folder); choose another")
 
 
+def check_batch_schedule_chosen(overrides: list[str]) -> None:
+    """``batch_schedule.KEY=...`` while no batch schedule is chosen (the group is null by default) would end in
+    Hydra's AssertionError: say what to add instead, in one line."""
+    keys = [o.partition("=")[0].lstrip("+~") for o in overrides]
+    if not any(k.startswith("batch_schedule.") for k in keys) or "batch_schedule" in keys:
+        return
+    rest = [o for o, k in zip(overrides, keys) if not k.startswith(("batch_schedule.", "hydra.")) and "=" in o]
+    try:
+        chosen = compose(rest).get("batch_schedule") is not None  # an experiment may choose one
+    except Exception:  # noqa: BLE001 - another problem: composing the whole command reports it
+        return
+    if not chosen:
+        from largebatch.errors import ConfigError
+
+        raise ConfigError("batch_schedule.<key>=... sets a key of a batch schedule, but none is chosen: add "
+                          "batch_schedule=linear or batch_schedule=step")
+
+
 def train_main() -> None:
     _check_output_dirs(sys.argv[1:])
+    try:
+        check_batch_schedule_chosen(sys.argv[1:])
+    except LargebatchError as error:
+        fail(error)
     _set_run_stamp()
     _train_task()
     if _FAILED_JOBS:
@@ -222,6 +244,7 @@ def plan_rows(overrides: list[str], world_size: int) -> list[tuple[DictConfig, l
 
     rows = []
     for combo in _expand_sweeps(overrides):
+        check_batch_schedule_chosen(combo)
         cfg = compose(combo)
         validate(cfg)  # lb-train's checks (largebatch.train.train), before the task is built
         task = build_task(cfg)

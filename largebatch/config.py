@@ -238,6 +238,21 @@ class StageConfig:
 
 
 @dataclass
+class BatchScheduleConfig:
+    """A global batch that grows during the run (largebatch/sched/batch_schedule.py); each file of
+    conf/batch_schedule/ sets ``name`` and ``lr_rule``, the others stay null until set. Each phase becomes a stage
+    of one continuous lr schedule (largebatch/plan.py)."""
+
+    name: str = MISSING  # linear | step
+    lr_rule: str = MISSING  # hold: every phase at the rule's lr for `batch` | scale: at each phase's own batch
+    start_batch: int | None = None  # linear: the first phase's batch
+    increment: int | None = None  # linear: batch added at each phase
+    ramp_epochs: float | None = None  # linear: epochs the ramp takes; `batch` runs the rest
+    milestones: list[float] = field(default_factory=list)  # step: epochs at which the batch is multiplied
+    factor: int | None = None  # step: the multiplier
+
+
+@dataclass
 class TrainConfig:
     model: Any = MISSING  # one of the model schemas above, chosen by the model file
     data: Any = MISSING  # one of the data schemas above, chosen by the data file
@@ -251,6 +266,7 @@ class TrainConfig:
     seed: int = 0
     epochs: float = 1.0
     stages: list[StageConfig] = field(default_factory=list)
+    batch_schedule: BatchScheduleConfig | None = None  # null: a constant batch (conf/batch_schedule/: linear | step)
     eval_every_epochs: float = 0.5
     eval_max_batches: int | None = None
     eval_batch: int = 64
@@ -296,6 +312,7 @@ def register_configs() -> None:
         ("scaling", ScalingConfig),
         ("schedule", ScheduleConfig),
         ("logger", LoggerConfig),
+        ("batch_schedule", BatchScheduleConfig),
     ]:
         cs.store(group=group, name=f"{group}_schema", node=node)
 
@@ -373,6 +390,7 @@ def validate(cfg) -> None:
             positive(f"stages[{i}].{key}", stage[key], allow_none=True, integer=False)
         for key in ("lr", "warmup_epochs", "warmup_fraction"):
             positive(f"stages[{i}].{key}", stage[key], allow_none=True, integer=False, zero=True)
+    _validate_batch_schedule(cfg)
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:
             raise ConfigError(f"{key}={cfg[key]!r} is not one of {' | '.join(choices)}")
@@ -386,6 +404,24 @@ def validate(cfg) -> None:
     schedule = cfg.schedule
     check_schedule(schedule.name, warmup_init_lr=schedule.warmup_init_lr, power=schedule.power, gamma=schedule.gamma,
                    milestones=schedule.milestones, decay_start_epoch=schedule.decay_start_epoch)
+
+
+def _validate_batch_schedule(cfg) -> None:
+    """The batch schedule's phases exist (their split into micro-batches is the plan's to check, per world size)."""
+    from largebatch.errors import ConfigError
+    from largebatch.sched import LR_RULES, batch_phases
+
+    schedule = cfg.get("batch_schedule")
+    if schedule is None:
+        return
+    if cfg.stages:
+        raise ConfigError("batch_schedule and stages cannot both be set: a batch schedule makes the stages itself "
+                          "(its phases); keep one")
+    if schedule.lr_rule not in LR_RULES:
+        raise ConfigError(f"batch_schedule.lr_rule={schedule.lr_rule!r} is not one of {' | '.join(LR_RULES)}")
+    batch_phases(schedule.name, batch=cfg.batch, epochs=cfg.epochs, start_batch=schedule.start_batch,
+                 increment=schedule.increment, ramp_epochs=schedule.ramp_epochs, milestones=schedule.milestones,
+                 factor=schedule.factor)
 
 
 def _validate_model(model_cfg) -> None:

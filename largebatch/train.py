@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
-import json
 import logging
 import math
 import os
@@ -35,8 +34,8 @@ from omegaconf import OmegaConf
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from largebatch import runfolder
 from largebatch.checkpoint import (
-    CHECKPOINTS,
     GracefulStop,
     Interrupted,
     TrainerState,
@@ -86,9 +85,6 @@ def global_norm(tensors) -> torch.Tensor:
     return total.full_tensor() if isinstance(total, DTensor) else total
 
 
-RUN_LOCK = ".lock"  # held by the live run's main process (lock_run_dir)
-RUN_RECORDS = ("status.json", "config.yaml", "plan.json", "env.json", "metrics.jsonl", "summary.json",
-               "wandb_run_id", CHECKPOINTS, "model")
 
 
 def lock_run_dir(run_dir: Path):
@@ -100,7 +96,7 @@ def lock_run_dir(run_dir: Path):
     import socket
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / RUN_LOCK, "a+")  # noqa: SIM115 - held open for the run's life
+    handle = open(run_dir / runfolder.LOCK, "a+")  # noqa: SIM115 - held open for the run's life
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -122,7 +118,7 @@ def open_run_dir(cfg, run_dir: Path, lock: bool = True) -> tuple[Path, Path | No
     to resume it (same config) or to overwrite it."""
     if cfg.resume not in (None, "auto"):
         run_dir = Path(cfg.resume)
-        if not (run_dir / "config.yaml").is_file():
+        if not (run_dir / runfolder.CONFIG).is_file():
             raise ConfigError(f"resume={cfg.resume}: no run there (no config.yaml); give the folder of the run to "
                               "continue, or resume=auto to continue the run in hydra.run.dir if it has one")
     held = lock_run_dir(run_dir) if lock else None
@@ -135,35 +131,28 @@ def open_run_dir(cfg, run_dir: Path, lock: bool = True) -> tuple[Path, Path | No
 
 
 def _checked_run_dir(cfg, run_dir: Path) -> tuple[Path | None]:
-    holds_run = any((run_dir / name).exists() for name in RUN_RECORDS)
-    if holds_run and cfg.resume is not None and (run_dir / "config.yaml").is_file():
-        saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    holds_run = runfolder.holds_run(run_dir)
+    if holds_run and cfg.resume is not None and (run_dir / runfolder.CONFIG).is_file():
+        saved = OmegaConf.to_container(OmegaConf.load(run_dir / runfolder.CONFIG))
         differences = config_differences(saved, OmegaConf.to_container(cfg, resolve=True))
         if differences:
             raise ConfigError(f"resume: the run in {run_dir} was started with another config ("
                               + "; ".join(differences[:5]) + "); resume it with the same overrides")
         checkpoint = newest_whole_checkpoint(run_dir)
-        if checkpoint is None and _status(run_dir) == "finished" and not cfg.overwrite:
+        if checkpoint is None and runfolder.status_of(run_dir) == runfolder.FINISHED and not cfg.overwrite:
             raise ConfigError(f"resume: the run in {run_dir} finished without a checkpoint (save_checkpoint=false): "
                               "there is nothing to continue; overwrite=true trains it again")
         return (checkpoint,)
     if holds_run and cfg.resume is not None:  # a sweep job that failed before its run wrote anything
         return (None,)
     if holds_run and not cfg.overwrite:
-        raise ConfigError(f"the run folder {run_dir} already holds a run (status: {_status(run_dir)}); resume it with "
+        raise ConfigError(f"the run folder {run_dir} already holds a run (status: {runfolder.status_of(run_dir)}); resume it with "
                           "resume=auto, replace it with overwrite=true, or choose another hydra.run.dir")
     return (None,)
 
 
-def _status(run_dir: Path) -> str:
-    try:
-        return json.loads((run_dir / "status.json").read_text())["status"]
-    except (OSError, ValueError, KeyError):
-        return "unknown"
-
-
 def clear_run_records(run_dir: Path) -> None:
-    for name in RUN_RECORDS:
+    for name in runfolder.RUN_RECORDS:
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -294,7 +283,9 @@ def _train(cfg, run_dir, accelerator, task, plans, recorder, checkpoint, state, 
             if is_log_step and window["steps"]:
                 bar.set_postfix(_log(loop, plan, stage, state, window, step, clock))
             end_of_stage = state.stage_step == plan.total_steps
-            if _crossed(state.samples, plan.batch, stage.eval_every) or end_of_stage:
+            # a batch schedule evaluates on the run's period and at its end, not at the end of every phase
+            evaluate_at_end = end_of_stage and (plan.run_schedule is None or state.stage_index == len(plans) - 1)
+            if _crossed(state.samples, plan.batch, stage.eval_every) or evaluate_at_end:
                 _evaluate(loop, plan, state, clock)
                 if _reached_target(loop, state, earlier_sessions_s + time.perf_counter() - session_start):
                     state.stage_index, end_of_stage = len(plans), True  # the run is done: no more stages
@@ -454,9 +445,11 @@ def _count(state, window: dict, plan, step: Step) -> None:
 def _log(loop: Loop, plan, stage: Stage, state, window: dict, step: Step, clock: dict) -> dict:
     """The log line of the window that ends at this step; returns the progress bar's postfix."""
     elapsed = time.perf_counter() - clock["window_started"]
+    # a batch schedule's phases count the run's epochs; the stages of a multi-stage run count their own
+    epoch = step.stage_step / plan.steps_per_epoch + (plan.run_schedule.start_epoch if plan.run_schedule else 0.0)
     metrics = {
-        "step": state.step, "stage": plan.name, "epoch": step.stage_step / plan.steps_per_epoch,
-        "samples": state.samples, "lr": step.lr, "grad_norm": step.grad_norm.item(),
+        "step": state.step, "stage": plan.name, "epoch": epoch,
+        "samples": state.samples, "batch": plan.batch, "lr": step.lr, "grad_norm": step.grad_norm.item(),
         "param_norm": global_norm(loop.params).item(), "samples_per_s": window["samples"] / elapsed,
         "skipped_steps": state.skipped,
     }
@@ -542,7 +535,7 @@ def _finish(loop: Loop, plans, state, run_dir: Path, wall: float, save) -> dict:
         save()
         exported = loop.parallel.exportable(model, task)  # every rank: FSDP2 gathers the shards
         if accelerator.is_main_process:
-            with atomic_dir(run_dir / "model") as folder:
+            with atomic_dir(run_dir / runfolder.MODEL) as folder:
                 task.save_model(exported, folder)
     if accelerator.is_main_process:
         log.info("done in %.1f s: %s", wall, {k: (round(v, 4) if isinstance(v, float) else v)

@@ -56,6 +56,9 @@ def train_outcome(overrides: list[str], monkeypatch, run_dir) -> str | None:
     (["model.name=resnet"], "does not match the model config (bert); choose the model with model=resnet"),
     (["scaling.rule=cubic"], "unknown scaling rule 'cubic'; choose one of none, linear, sqrt, legw"),
     (["schedule=step", "schedule.gamma=2"], "schedule.gamma must be in (0, 1]"),
+    (["batch_schedule=step"], "batch_schedule=step needs batch_schedule.milestones"),
+    (["batch_schedule=linear", "batch_schedule.start_batch=8", "batch_schedule.increment=5",
+      "batch_schedule.ramp_epochs=0.5"], "batch_schedule.increment=5 must be > 0 and divide batch - start_batch"),
     # validated before this change
     (["eval_batch=0"], "eval_batch=0 must be an integer > 0"),
     (["on_nonfinite=skipp"], "on_nonfinite='skipp' is not one of stop | skip"),
@@ -68,6 +71,7 @@ def train_outcome(overrides: list[str], monkeypatch, run_dir) -> str | None:
     ([], None),
     (["optimizer=lamb"], None),
     (["optimizer=sgd"], None),
+    (["batch_schedule=step", "batch_schedule.milestones=[0.5]"], None),
 ])
 def test_lb_plan_and_lb_train_validate_alike(overrides, message, monkeypatch, tmp_path):
     overrides = ["scale=tiny", *overrides]

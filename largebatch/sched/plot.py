@@ -13,11 +13,12 @@ from typing import Any
 
 
 def plot_planned_lr(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Draw ``rows`` (dicts with ``label``, ``lrs`` and optional ``samples_per_step``) into a PNG.
+    """Draw ``rows`` (dicts with ``label``, ``lrs`` and optional ``samples_per_step``, or ``samples``: the samples
+    seen after each step, for a batch that changes) into a PNG.
 
     Step ``s`` is placed at ``(s + 1) * samples_per_step`` samples, the samples seen once it is done,
-    matching the schedules' end-of-step convention. Rows without ``samples_per_step`` appear only in
-    the per-step panel. Returns the path written.
+    matching the schedules' end-of-step convention. Rows without either appear only in the per-step
+    panel. Returns the path written.
     """
     # Imported here so that importing largebatch.sched never pulls in matplotlib or needs a display.
     import matplotlib
@@ -33,8 +34,9 @@ def plot_planned_lr(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         steps = range(1, len(lrs) + 1)
         ax_steps.plot(list(steps), lrs, label=row["label"])
         sps = row.get("samples_per_step")
-        if sps:
-            ax_samples.plot([s * sps for s in steps], lrs, label=row["label"])
+        samples = row.get("samples") or ([s * sps for s in steps] if sps else None)
+        if samples:
+            ax_samples.plot(list(samples), lrs, label=row["label"])
     ax_samples.set(xlabel="samples seen", ylabel="learning rate", title="lr vs samples")
     ax_steps.set(xlabel="optimizer step", ylabel="learning rate", title="lr vs step")
     for ax in (ax_samples, ax_steps):
