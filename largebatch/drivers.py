@@ -119,10 +119,10 @@ def job_cost(cfg) -> float:
 
 class Progress:
     """The driver's one line per finished run: which, how long, how many are left and a time estimate (the
-    mean run of this call so far, ``jobs`` at a time)."""
+    mean run of this call that finished, ``jobs`` at a time; a failed or stopped run says nothing of the rest)."""
 
     def __init__(self, jobs: int):
-        self.jobs, self.left, self.seconds = jobs, 0, []
+        self.jobs, self.left, self.seconds, self.ended = jobs, 0, [], 0
         self.t0 = time.perf_counter()
         self._lock = threading.Lock()
 
@@ -133,12 +133,13 @@ class Progress:
     def finished(self, name: str, seconds: float, error: str | None = None) -> str:
         with self._lock:
             self.left = max(0, self.left - 1)
-            self.seconds.append(seconds)
-            mean = sum(self.seconds) / len(self.seconds)
-            eta = mean * self.left / self.jobs
-            return (f"{'failed' if error else 'done'}: {name} in {seconds / 60:.1f} min; {len(self.seconds)} run(s) "
-                    f"done in this call ({(time.perf_counter() - self.t0) / 60:.1f} min), {self.left} queued or running"
-                    + (f", ~{eta / 60:.0f} min left at {self.jobs} at a time" if self.left else ""))
+            self.ended += 1
+            if not error:
+                self.seconds.append(seconds)
+            eta = sum(self.seconds) / len(self.seconds) * self.left / self.jobs if self.seconds and self.left else None
+            return (f"{'failed' if error else 'done'}: {name} in {seconds / 60:.1f} min; {self.ended} run(s) "
+                    f"ended in this call ({(time.perf_counter() - self.t0) / 60:.1f} min), {self.left} queued or running"
+                    + (f", ~{eta / 60:.0f} min left at {self.jobs} at a time" if eta is not None else ""))
 
 
 class Runner:

@@ -267,16 +267,19 @@ def test_a_run_in_the_drivers_own_process_uses_the_runners_threads_and_gives_the
     assert seen == [wanted] and torch.get_num_threads() == before
 
 
-def test_the_progress_line_counts_the_runs_left_and_estimates_from_the_mean_run():
+def test_the_progress_line_counts_the_runs_left_and_estimates_from_the_mean_finished_run():
     from largebatch.drivers import Progress
 
     p = Progress(jobs=2)
-    p.add(5)
+    p.add(6)
+    stopped = p.finished("runs/legw/batch=512,seed=2", 30.0, error="stopped by a signal")
+    assert stopped.startswith("failed:") and "5 queued or running" in stopped
+    assert "left at" not in stopped  # a stopped run's 30 s says nothing of the runs left
     first = p.finished("runs/sqrt/batch=512,seed=1", 120.0)
-    assert "done: runs/sqrt/batch=512,seed=1 in 2.0 min" in first and "4 queued or running" in first
+    assert "done: runs/sqrt/batch=512,seed=1 in 2.0 min; 2 run(s) ended" in first and "4 queued or running" in first
     assert "~4 min left at 2 at a time" in first  # 4 more runs of 2 min, 2 at a time
     second = p.finished("runs/legw/batch=512,seed=1", 240.0, error="NonFiniteError")
-    assert second.startswith("failed:") and "~4 min left" in second  # 3 x 3 min / 2 = 4.5 -> 4
+    assert second.startswith("failed:") and "~3 min left" in second  # the failure is left out: 3 x 2 min / 2
     p.add(0)
     for _ in range(3):
         last = p.finished("r", 60.0)
