@@ -75,15 +75,21 @@ def plot_ladder_metric(series: dict[str, list[tuple[float, float, float, float]]
         ax.axhline(target, color="k", lw=0.8, ls="--", label="target (base batch)")
         if margin:
             ax.axhspan(target - margin, target + margin, color="k", alpha=0.08, label="margin")
+    # the view spans the means and the target: a 2-seed t interval can run far past any meaningful value (an
+    # accuracy below 0) and would squash every mean into a line (its bar leaves the view); the trivial
+    # baseline is drawn where it lies near them, else named in the legend as off the axis
+    shown = [p[1] for points in series.values() for p in points] + ([target] if target is not None else [])
+    lo, hi = (min(shown), max(shown)) if shown else (None, None)
     if baseline is not None:
-        ax.axhline(baseline[0], color="r", lw=0.8, ls=":", label=baseline[1])
-    # the view spans the means, the target and the baseline: a 2-seed t interval can run far past any
-    # meaningful value (an accuracy below 0), and would squash every mean into a line (its bar leaves the view)
-    shown = [p[1] for points in series.values() for p in points] + [y for y in (target, (baseline or [None])[0])
-                                                                     if y is not None]
-    if shown:
-        pad = 0.15 * ((max(shown) - min(shown)) or abs(max(shown)) or 1.0)
-        ax.set_ylim(min(shown) - pad, max(shown) + pad)
+        near = lo is None or lo - (hi - lo) <= baseline[0] <= hi + (hi - lo)
+        if near:
+            ax.axhline(baseline[0], color="r", lw=0.8, ls=":", label=baseline[1])
+            lo, hi = (baseline[0], baseline[0]) if lo is None else (min(lo, baseline[0]), max(hi, baseline[0]))
+        else:
+            ax.plot([], [], color="r", lw=0.8, ls=":", label=f"{baseline[1]}: {baseline[0]:.3g}, off the axis")
+    if lo is not None:
+        pad = 0.15 * ((hi - lo) or abs(hi) or 1.0)
+        ax.set_ylim(lo - pad, hi + pad)
     batch_axis(ax, [p[0] for points in series.values() for p in points], "batch size")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
