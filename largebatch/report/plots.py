@@ -12,7 +12,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from largebatch.report.runs import optimizer_rank
-from largebatch.report.summary import Cell, ladder, variants
+from largebatch.report.summary import SeedGroup, ladder, variants
 from largebatch.runfolder import read_metrics
 
 MAX_LEGEND = 12  # curves per panel beyond which the legend is left out
@@ -132,7 +132,7 @@ def _optimizers(items, key) -> list[str]:
     return sorted({key(x) for x in items}, key=optimizer_rank)
 
 
-def plot_metric_vs_batch(cells: list[Cell], path: Path, unigram: dict | None = None) -> Path:
+def plot_metric_vs_batch(cells: list[SeedGroup], path: Path, unigram: dict | None = None) -> Path:
     """Eval loss and downstream accuracy against the batch (log2 axis), one line per optimizer (and per
     configuration, when an optimizer's runs differ in more than the batch: dotted, labelled with the keys);
     mixed-batch runs are stars at their last stage's batch; error bars are the seed-to-seed standard deviation."""
@@ -233,7 +233,7 @@ def plot_logged_lr(rows: list[dict], path: Path) -> Path:
                    title="Learning rate actually used, against samples seen")
 
 
-def plot_steps_to_target(cells: list[Cell], path: Path, target: dict | None = None) -> Path:
+def plot_steps_to_target(cells: list[SeedGroup], path: Path, target: dict | None = None) -> Path:
     """Steps to the target loss against the batch (log-log), one line per optimizer's ladder (the mean over the
     seeds that reached it), with perfect scaling drawn dashed from each base rung (steps halve when the batch
     doubles); beside it samples to target, whose perfect scaling is flat."""
@@ -273,7 +273,7 @@ def _noise_points(row: dict) -> list[tuple[float, float]]:
             and math.isfinite(m["noise/b_simple"]) and m["noise/b_simple"] > 0]
 
 
-def plot_noise_scale(cells: list[Cell], path: Path, optimizers: tuple[str, ...] = ("lamb", "adamw")) -> Path:
+def plot_noise_scale(cells: list[SeedGroup], path: Path, optimizers: tuple[str, ...] = ("lamb", "adamw")) -> Path:
     """The logged gradient noise scale B_simple against samples seen (log y), one panel per optimizer, one
     colour per rung of its ladder (the lowest seed drawn solid, other seeds lighter), with the ladder's batch
     sizes as dashed horizontal lines: a rung above the curve is beyond the measured noise scale."""

@@ -38,7 +38,10 @@ FIXED_DECIMALS = {"final_loss", "eval_loss", "eval_accuracy", "downstream_accura
 
 
 @dataclass
-class Cell:
+class SeedGroup:
+    """The runs of one configuration at one batch that differ only in the seed: a row of lb-report's table, with
+    mean and sample std per metric. (The protocol's cell, with its interval and verdict, is ``ladder.Cell``.)"""
+
     optimizer: str
     batch: int | None  # the (last) stage's global batch
     batch_schedule: str  # label: "256", or "512@32/256@64" for a multi-stage run
@@ -89,40 +92,40 @@ def fmt_count(x) -> str:
     return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
-def group_cells(rows: list[dict]) -> list[Cell]:
+def group_cells(rows: list[dict]) -> list[SeedGroup]:
     """Finished runs only, one cell per config (seed and bookkeeping keys aside); seeds of a cell are averaged.
     Failed, interrupted and unfinished runs are never pooled."""
-    cells: dict[tuple, Cell] = {}
+    cells: dict[tuple, SeedGroup] = {}
     for r in rows:
         if r["status"] != "ok":
             continue
         key = (r["optimizer"], r["batch_schedule"], repr(sorted(result_config(r).items(), key=lambda kv: kv[0])))
         if key not in cells:
-            cells[key] = Cell(r["optimizer"], r["batch"], r["batch_schedule"], r["seq_len"], r["stages"], [],
+            cells[key] = SeedGroup(r["optimizer"], r["batch"], r["batch_schedule"], r["seq_len"], r["stages"], [],
                               r.get("differs_in") or "")
         cells[key].runs.append(r)
     return sorted(cells.values(), key=lambda c: (optimizer_rank(c.optimizer), c.stages > 1, c.batch or 0,
                                                  c.batch_schedule, c.differs_in))
 
 
-def variants(cells: list[Cell], optimizer: str) -> list[list[Cell]]:
+def variants(cells: list[SeedGroup], optimizer: str) -> list[list[SeedGroup]]:
     """The single-stage cells of one optimizer with an eval loss, by configuration (batch aside), the
     configuration with the most batch sizes first; each smallest batch first."""
-    groups: dict[tuple, list[Cell]] = {}
+    groups: dict[tuple, list[SeedGroup]] = {}
     for c in cells:
         if c.optimizer == optimizer and c.stages == 1 and c.mean("eval_loss") is not None:
             groups.setdefault(c.variant, []).append(c)
     return sorted(groups.values(), key=lambda g: (-len(g), g[0].differs_in))
 
 
-def ladder(cells: list[Cell], optimizer: str) -> list[Cell]:
+def ladder(cells: list[SeedGroup], optimizer: str) -> list[SeedGroup]:
     """The single-stage rungs of one optimizer with an eval loss, smallest batch first; of one configuration
     only (the one with the most batch sizes), so a rung is never compared with a differently tuned one."""
     found = variants(cells, optimizer)
     return found[0] if found else []
 
 
-def _rung_change(cells: list[Cell], optimizer: str, tolerance: float, key: str = "eval_loss") -> dict | None:
+def _rung_change(cells: list[SeedGroup], optimizer: str, tolerance: float, key: str = "eval_loss") -> dict | None:
     """Base to top rung of one optimizer's ladder: the change of ``key`` and the protocol's interval verdict."""
     rungs = ladder(cells, optimizer)
     if len(rungs) < 2:
@@ -209,7 +212,7 @@ def findings(rows: list[dict], *, unigram: dict | None = None, candidate: str = 
 # --- interval verdicts (largebatch/protocol.py): no verdict borrows spread from another rung
 
 
-def hold_up_to(cells: list[Cell], optimizer: str, tolerance: float, key: str = "eval_loss") -> dict | None:
+def hold_up_to(cells: list[SeedGroup], optimizer: str, tolerance: float, key: str = "eval_loss") -> dict | None:
     """How far up its ladder an optimizer holds its base rung's loss, by the protocol's interval verdicts
     (``tolerance``: the margin, nats): ``last`` the largest batch up to which every rung holds, ``possible`` the
     largest up to which none fails (between them: unresolved), ``first_off`` the first rung that does not hold.
@@ -242,7 +245,7 @@ def _describe_hold(name: str, h: dict, tolerance: float) -> str:
     return text + "; " + "; ".join(parts) + "."
 
 
-def _single_seeds(rungs: list[Cell], candidate: str, baseline: str) -> list[str]:
+def _single_seeds(rungs: list[SeedGroup], candidate: str, baseline: str) -> list[str]:
     """The caveat for the ladder cells with a single seed (and only for them): their gaps have no spread."""
     single = [c for c in rungs if len(c.values("eval_loss")) < 2]
     if not single:
@@ -256,7 +259,7 @@ def _single_seeds(rungs: list[Cell], candidate: str, baseline: str) -> list[str]
     return [f"{which}: a difference of this size may be seed noise; run more seeds before drawing a conclusion."]
 
 
-def _gaps_against_spread(cells: list[Cell], candidate: str, baseline: str, key: str = "eval_loss") -> list[str]:
+def _gaps_against_spread(cells: list[SeedGroup], candidate: str, baseline: str, key: str = "eval_loss") -> list[str]:
     """Candidate against baseline at every shared batch: a gap is beyond the seed spread only when it is larger
     than both cells' sample standard deviations."""
     mine = {c.batch_schedule: c for c in ladder(cells, candidate)}
@@ -284,7 +287,7 @@ def _gaps_against_spread(cells: list[Cell], candidate: str, baseline: str, key: 
             + "; ".join(clauses) + "."]
 
 
-def _against_unigram(cells: list[Cell], unigram: dict | None, key: str, tolerance: float
+def _against_unigram(cells: list[SeedGroup], unigram: dict | None, key: str, tolerance: float
                      ) -> tuple[dict[str, float], dict[str, float]]:
     """Each optimizer's base rung against the unigram baseline (on the split ``key`` reads): ({optimizer: its
     mean loss} where it does not beat the unigram: it learned no more than token frequencies, so no verdict
@@ -343,7 +346,7 @@ def _point_near(points: list[dict], samples: float) -> dict | None:
     return min(points, key=lambda p: abs(p["samples"] - samples)) if points else None
 
 
-def loss_target(cells: list[Cell], candidate: str = "lamb", baseline: str = "adamw",
+def loss_target(cells: list[SeedGroup], candidate: str = "lamb", baseline: str = "adamw",
                 fraction: float = 0.5) -> dict | None:
     """One target eval loss for the whole table. For the candidate and the baseline: the base rung of its
     ladder (smallest batch), its eval loss at the eval point closest to ``fraction`` of each run's sample
@@ -382,7 +385,7 @@ def mark_targets(rows: list[dict], target: dict | None) -> None:
         r["_target_at_first_eval"] = bool(hit and hit["first_point"])
 
 
-def target_text(cell: Cell, key: str, target: dict | None) -> str:
+def target_text(cell: SeedGroup, key: str, target: dict | None) -> str:
     """A cell's steps or samples to target: the mean over the seeds that reached it (± their std), with
     "k/n seeds reached it" when not all did; "never" when none did; "—" when no target applies."""
     if target is None or cell.seq_len != target["seq_len"]:
@@ -395,7 +398,7 @@ def target_text(cell: Cell, key: str, target: dict | None) -> str:
     return shown if len(reached) == n else f"{shown} ({len(reached)}/{n} seeds reached it)"
 
 
-def _steps_to_target(cells: list[Cell], names, target: dict | None, factor: float) -> list[str]:
+def _steps_to_target(cells: list[SeedGroup], names, target: dict | None, factor: float) -> list[str]:
     if target is None:
         return []
     out = []
@@ -412,7 +415,7 @@ def _steps_to_target(cells: list[Cell], names, target: dict | None, factor: floa
     return out
 
 
-def _perfect_scaling(name: str, rungs: list[Cell], factor: float) -> str:
+def _perfect_scaling(name: str, rungs: list[SeedGroup], factor: float) -> str:
     """Up to which batch the steps to target stay within ``factor`` of perfect scaling (the base rung's steps x
     base batch / batch), and the speed-up in steps from the base to the largest batch that reached the target."""
     base = rungs[0]
@@ -447,7 +450,7 @@ def _perfect_scaling(name: str, rungs: list[Cell], factor: float) -> str:
 # --- the gradient noise scale (McCandlish et al. 2018)
 
 
-def _noise_scale(cells: list[Cell], names, holds: dict) -> list[str]:
+def _noise_scale(cells: list[SeedGroup], names, holds: dict) -> list[str]:
     """The workload's measured critical batch and where the ladder's rungs and its loss degradation sit
     relative to it. B_simple is a property of where training is, not of the rung, so every run of the ladder
     whose estimate is measurable contributes (the median of their last-half values). The estimate of a run
@@ -489,7 +492,7 @@ def _noise_scale(cells: list[Cell], names, holds: dict) -> list[str]:
     return out
 
 
-def _degradation_vs_noise(off: Cell | None, beyond: Cell | None) -> str:
+def _degradation_vs_noise(off: SeedGroup | None, beyond: SeedGroup | None) -> str:
     """Where the first rung not shown to hold sits against the noise scale (a fact, not a cause)."""
     if off is None:
         return ": every rung holds" + ("" if beyond is None else ", even beyond the noise scale")
@@ -506,7 +509,7 @@ def _differing_keys(configs: list[dict]) -> list[str]:
     return sorted(k for k in keys if len({repr(c.get(k)) for c in configs}) > 1)
 
 
-def _configurations(cells: list[Cell], candidate: str, baseline: str) -> list[str]:
+def _configurations(cells: list[SeedGroup], candidate: str, baseline: str) -> list[str]:
     """Say when an optimizer's runs come in several configurations (only one makes its ladder), and when the
     candidate's and the baseline's ladders differ in more than the optimizer."""
     out = []
@@ -528,7 +531,7 @@ def _configurations(cells: list[Cell], candidate: str, baseline: str) -> list[st
     return out
 
 
-def _head_to_head(cells: list[Cell], candidate: str, key: str = "eval_loss", untrained: dict | None = None,
+def _head_to_head(cells: list[SeedGroup], candidate: str, key: str = "eval_loss", untrained: dict | None = None,
                   barely: dict | None = None) -> list[str]:
     """Candidate against every other optimizer at the batch sizes both ran (the paper: LAMB beats LARS), by the
     interval of their difference (margin 0: which is lower, if the seeds can tell); an optimizer that did not
@@ -559,7 +562,7 @@ def _head_to_head(cells: list[Cell], candidate: str, key: str = "eval_loss", unt
     return out
 
 
-def _mixed_batch(cells: list[Cell]) -> list[str]:
+def _mixed_batch(cells: list[SeedGroup]) -> list[str]:
     out = []
     for mixed in (c for c in cells if c.stages > 1 and c.mean("eval_loss") is not None):
         rungs = ladder(cells, mixed.optimizer)
@@ -577,7 +580,7 @@ def _mixed_batch(cells: list[Cell]) -> list[str]:
     return out
 
 
-def _downstream(cells: list[Cell], done: list[dict], candidate: str) -> list[str]:
+def _downstream(cells: list[SeedGroup], done: list[dict], candidate: str) -> list[str]:
     metric = "accuracy" if any(r.get("downstream_accuracy") is not None for r in done) else "f1"
     key, random_key = f"downstream_{metric}", f"random_init_{metric}"
     scored = [r for r in done if r.get(key) is not None]
@@ -602,7 +605,7 @@ def _downstream(cells: list[Cell], done: list[dict], candidate: str) -> list[str
     return out
 
 
-def _throughput(cells: list[Cell], candidate: str) -> list[str]:
+def _throughput(cells: list[SeedGroup], candidate: str) -> list[str]:
     rungs = [c for c in ladder(cells, candidate) if c.mean("samples_per_s")]
     if len(rungs) < 2:
         return []
