@@ -40,7 +40,7 @@ def batch_axis(ax, batches, label: str = "global batch") -> None:
     batches = sorted({b for b in batches if b})
     if batches:
         ax.set_xticks(batches, labels=[str(b) for b in batches])
-        ax.tick_params(axis="x", labelrotation=45 if len(batches) > 6 else 0)
+        ax.tick_params(axis="x", labelrotation=45 if len(batches) > 8 else 0)
     ax.set_xlabel(label)
 
 
@@ -179,10 +179,11 @@ def plot_metric_vs_batch(cells: list[SeedGroup], path: Path, unigram: dict | Non
 
 
 def _panels(n: int, title: str):
+    """One panel per optimizer, on one shared y axis: the panels are read against each other."""
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(4.6 * cols, 3.6 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
     for ax in axes[n:]:
         ax.set_visible(False)
     fig.suptitle(title)
