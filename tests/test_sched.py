@@ -227,7 +227,7 @@ def test_unknown_schedule_and_bad_values_are_config_errors():
 # ---------------------------------------------------------------- plot and package hygiene
 
 
-def test_plot_writes_a_png(tmp_path):
+def test_the_lr_plot_draws_each_run_against_samples_and_steps(tmp_path, monkeypatch):
     from largebatch.sched.plot import plot_planned_lr
 
     rows = []
@@ -243,9 +243,22 @@ def test_plot_writes_a_png(tmp_path):
         )
         rows.append({"label": f"legw {batch}", "lrs": [lr(i) for i in range(spe)], "samples_per_step": batch})
     rows.append({"label": "no samples", "lrs": [1e-3] * 10})
+    import matplotlib.pyplot as plt
+
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)  # keep the figure to read what was drawn
     out = plot_planned_lr(rows, tmp_path / "sub" / "lr.png")
-    data = Path(out).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert Path(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    by_samples, by_step = closed[0].axes
+    # every row by step; by samples only the rows that say their samples, step s drawn at (s + 1) x batch
+    assert [line.get_label() for line in by_step.lines] == ["legw 512", "legw 2048", "no samples"]
+    assert [line.get_label() for line in by_samples.lines] == ["legw 512", "legw 2048"]
+    for line, row in zip(by_samples.lines, rows):
+        batch = row["samples_per_step"]
+        assert list(line.get_xdata()) == [batch * (s + 1) for s in range(len(row["lrs"]))]
+        assert list(line.get_ydata()) == row["lrs"]
+    # the peaks follow the sqrt rule of LEGW: 1e-3 at 512, 2e-3 at 4x the batch
+    assert max(rows[0]["lrs"]) == pytest.approx(1e-3) and max(rows[1]["lrs"]) == pytest.approx(2e-3)
 
 
 def test_sched_imports_neither_hydra_nor_transformers_nor_matplotlib():
