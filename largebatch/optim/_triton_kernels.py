@@ -58,6 +58,32 @@ def _where_chunk(chunk_tensor, chunk_offset, numels, c, CHUNK: tl.constexpr):
 
 
 @triton.jit
+def _this_chunk(ptrs, hp, row_of, chunk_tensor, chunk_offset, numels, COLUMNS: tl.constexpr, CHUNK: tl.constexpr,
+                X: tl.constexpr):
+    """The program's chunk: (its index, its tensor, the chunk's [start, end), the tensor's parameter pointer and
+    its row of hyperparameters)."""
+    c = tl.program_id(0)
+    t, start, end = _where_chunk(chunk_tensor, chunk_offset, numels, c, CHUNK)
+    return c, t, start, end, _tensor_ptr(ptrs, t, 0, X), hp + tl.load(row_of + t) * COLUMNS
+
+
+@triton.jit
+def _clipped_ratio(ratio, h, LO: tl.constexpr, HI: tl.constexpr, LR: tl.constexpr, start, ratios, t):
+    """(the trust ratio clipped to the row's [LO, HI] columns, the row's lr); the tensor's first chunk records
+    the ratio for the optimizer's logs."""
+    ratio = _clip(ratio, tl.load(h + LO), tl.load(h + HI)).to(tl.float32)
+    if start == 0:
+        tl.store(ratios + t, ratio)
+    return ratio, tl.load(h + LR).to(tl.float32)
+
+
+@triton.jit
+def _tensor_ptr(ptrs, t, k: tl.constexpr, DTYPE: tl.constexpr):
+    """Tensor ``t``'s ``k``-th pointer (0 parameter, 1 gradient, 2-3 optimizer state) as a ``DTYPE`` pointer."""
+    return tl.load(ptrs + 4 * t + k).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
 def _tensor_norms(partials, first_chunk, n_chunks, t, RBLOCK: tl.constexpr):
     """||a||, ||b|| of tensor t from its chunks' partial sums of squares, in float64, in a fixed order."""
     first = tl.load(first_chunk + t)
@@ -88,13 +114,8 @@ def _adam_direction(m, v, x, h):
 @triton.jit
 def lamb_pass1(ptrs, hp, row_of, chunk_tensor, chunk_offset, numels, grad_scale, partials,
                X: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    t, start, end = _where_chunk(chunk_tensor, chunk_offset, numels, c, CHUNK)
-    x_ptr = tl.load(ptrs + 4 * t).to(tl.pointer_type(X))
-    g_ptr = tl.load(ptrs + 4 * t + 1).to(tl.pointer_type(G))
-    m_ptr = tl.load(ptrs + 4 * t + 2).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(ptrs + 4 * t + 3).to(tl.pointer_type(tl.float32))
-    h = hp + tl.load(row_of + t) * LAMB_COLUMNS
+    c, t, start, end, x_ptr, h = _this_chunk(ptrs, hp, row_of, chunk_tensor, chunk_offset, numels, LAMB_COLUMNS, CHUNK, X)
+    g_ptr, m_ptr, v_ptr = _tensor_ptr(ptrs, t, 1, G), _tensor_ptr(ptrs, t, 2, tl.float32), _tensor_ptr(ptrs, t, 3, tl.float32)
     gs = tl.load(grad_scale) * tl.load(h + L_GS).to(tl.float32)
     b1, b2 = tl.load(h + L_B1).to(tl.float32), tl.load(h + L_B2).to(tl.float32)
     c1, c2 = tl.load(h + L_C1).to(tl.float32), tl.load(h + L_C2).to(tl.float32)
@@ -124,19 +145,12 @@ def lamb_pass1(ptrs, hp, row_of, chunk_tensor, chunk_offset, numels, grad_scale,
 @triton.jit
 def lamb_pass2(ptrs, hp, row_of, chunk_tensor, chunk_offset, numels, first_chunk, n_chunks, partials, ratios,
                X: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    t, start, end = _where_chunk(chunk_tensor, chunk_offset, numels, c, CHUNK)
-    x_ptr = tl.load(ptrs + 4 * t).to(tl.pointer_type(X))
-    m_ptr = tl.load(ptrs + 4 * t + 2).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(ptrs + 4 * t + 3).to(tl.pointer_type(tl.float32))
-    h = hp + tl.load(row_of + t) * LAMB_COLUMNS
+    c, t, start, end, x_ptr, h = _this_chunk(ptrs, hp, row_of, chunk_tensor, chunk_offset, numels, LAMB_COLUMNS, CHUNK, X)
+    m_ptr, v_ptr = _tensor_ptr(ptrs, t, 2, tl.float32), _tensor_ptr(ptrs, t, 3, tl.float32)
     xn, un = _tensor_norms(partials, first_chunk, n_chunks, t, RBLOCK)
     xn = tl.minimum(xn, tl.load(h + L_CLAMP))
     ratio = tl.where((xn > 0) & (un > 0), xn / tl.where(un > 0, un, 1.0), 1.0)
-    ratio = _clip(ratio, tl.load(h + L_LO), tl.load(h + L_HI)).to(tl.float32)
-    if start == 0:
-        tl.store(ratios + t, ratio)
-    lr = tl.load(h + L_LR).to(tl.float32)
+    ratio, lr = _clipped_ratio(ratio, h, L_LO, L_HI, L_LR, start, ratios, t)
     for off in range(start, end, BLOCK):
         i = off + tl.arange(0, BLOCK)
         ok = i < end
@@ -174,12 +188,8 @@ def _lars_apply(x_ptr, g_ptr, b_ptr, i, ok, x, gs, ratio, h, X: tl.constexpr):
 @triton.jit
 def lars_pass1(ptrs, hp, row_of, chunk_tensor, chunk_offset, numels, grad_scale, partials,
                X: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    t, start, end = _where_chunk(chunk_tensor, chunk_offset, numels, c, CHUNK)
-    x_ptr = tl.load(ptrs + 4 * t).to(tl.pointer_type(X))
-    g_ptr = tl.load(ptrs + 4 * t + 1).to(tl.pointer_type(G))
-    b_ptr = tl.load(ptrs + 4 * t + 2).to(tl.pointer_type(tl.float32))
-    h = hp + tl.load(row_of + t) * LARS_COLUMNS
+    c, t, start, end, x_ptr, h = _this_chunk(ptrs, hp, row_of, chunk_tensor, chunk_offset, numels, LARS_COLUMNS, CHUNK, X)
+    g_ptr, b_ptr = _tensor_ptr(ptrs, t, 1, G), _tensor_ptr(ptrs, t, 2, tl.float32)
     gs = tl.load(grad_scale) * tl.load(h + R_GS).to(tl.float32)
     adapt = tl.load(h + R_ADAPT) != 0
     paper = tl.load(h + R_MODE) == 2  # the LAMB paper's LARS: the ratio normalises the dampened momentum
@@ -215,12 +225,8 @@ def lars_pass1(ptrs, hp, row_of, chunk_tensor, chunk_offset, numels, grad_scale,
 def lars_pass2(ptrs, hp, row_of, chunk_tensor, chunk_offset, numels, first_chunk, n_chunks, partials, ratios,
                grad_scale, X: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                RBLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    t, start, end = _where_chunk(chunk_tensor, chunk_offset, numels, c, CHUNK)
-    x_ptr = tl.load(ptrs + 4 * t).to(tl.pointer_type(X))
-    g_ptr = tl.load(ptrs + 4 * t + 1).to(tl.pointer_type(G))
-    b_ptr = tl.load(ptrs + 4 * t + 2).to(tl.pointer_type(tl.float32))
-    h = hp + tl.load(row_of + t) * LARS_COLUMNS
+    c, t, start, end, x_ptr, h = _this_chunk(ptrs, hp, row_of, chunk_tensor, chunk_offset, numels, LARS_COLUMNS, CHUNK, X)
+    g_ptr, b_ptr = _tensor_ptr(ptrs, t, 1, G), _tensor_ptr(ptrs, t, 2, tl.float32)
     gs = tl.load(grad_scale) * tl.load(h + R_GS).to(tl.float32)
     paper = tl.load(h + R_MODE) == 2
     xn, yn = _tensor_norms(partials, first_chunk, n_chunks, t, RBLOCK)
@@ -236,10 +242,7 @@ def lars_pass2(ptrs, hp, row_of, chunk_tensor, chunk_offset, numels, first_chunk
         if tl.load(h + R_MODE) == 1:  # LARC: the clip applies to local_lr / lr
             ratio = ratio / tl.load(h + R_LR)
         ratio = tl.where(nonzero, ratio, 1.0)
-    ratio = _clip(ratio, tl.load(h + R_LO), tl.load(h + R_HI)).to(tl.float32)
-    if start == 0:
-        tl.store(ratios + t, ratio)
-    lr = tl.load(h + R_LR).to(tl.float32)
+    ratio, lr = _clipped_ratio(ratio, h, R_LO, R_HI, R_LR, start, ratios, t)
     for off in range(start, end, BLOCK):
         i = off + tl.arange(0, BLOCK)
         ok = i < end
