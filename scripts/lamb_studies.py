@@ -242,8 +242,9 @@ def main(argv=None) -> Path:
         "# LAMB Table 1: what this machine can test (BERT-tiny, the bundled corpus, seq 32, 38,912 samples a run)", "",
         "## What this shows", "", *lr_heads, *tuned_heads, "",
         f"Test loss (nats) on held-out documents; the unigram baseline there: {L.fmt(floor.get('loss'))} nats. "
-        f"Base lrs from the committed sweep at batch 2: {lrs}. Training time of these runs: {run_s / 60:.1f} min "
-        "(one run at a time, one torch thread).", "",
+        f"Base lrs from the committed sweep at batch 2: {lrs}. Training time of these runs: {run_s / 60:.1f} min, the "
+        "sum of their wall times at one torch thread each (one or two runs at a time, on 2 cores shared with other "
+        "work: more than a quiet machine needs).", "",
         f"## 1. lr robustness at batch {TOP}", "",
         f"Mean [95% t interval] over seeds {list(SEEDS)}; ✓/✗/? the interval verdict of each multiplier against "
         f"the optimizer's own best multiplier within {T1.MARGIN_NATS} nats.", "", *lr_table, "",
