@@ -159,7 +159,8 @@ def render(arms: dict, results: Path, elapsed_s: float) -> str:
               f"seeds; ✓/✗/? the interval verdict of the cell's gap to its arm's base within {MARGIN:.0%}. "
               "The difference column is legw minus sqrt (positive: LEGW's warmup helps), Welch's interval. "
               "A diverged seed (a non-finite loss) has no accuracy and is counted beside the cell.",
-              f"Training time of the runs so far: {elapsed_s / 60:.1f} min (one run at a time per arm's driver).", "",
+              f"Training time of the runs so far: {elapsed_s / 60:.1f} min, the sum of their wall times at one torch "
+              "thread each (one or two at a time on 2 cores shared with other work).", "",
               *body]
     return "\n".join(lines) + "\n"
 
