@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml scripts/install_system_data.sh
 	bash scripts/install_system_data.sh
 	touch $(STAMP)
 
-train: $(STAMP) ## the main job: BERT masked-LM on the bundled corpus, prints eval metrics
+train: $(STAMP) ## one BERT masked-LM run on the bundled corpus, prints eval metrics (the main job: make reproduce-table1 SCALE=quick)
 	$(BIN)/lb-train
 
 reproduce-table1: $(STAMP) ## LAMB Table 1: SCALE=smoke|quick|small|gpu (small -> results/lamb_table1/), SEEDS=n, JOBS=n; rerun resumes
