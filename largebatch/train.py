@@ -85,8 +85,6 @@ def global_norm(tensors) -> torch.Tensor:
     return total.full_tensor() if isinstance(total, DTensor) else total
 
 
-
-
 def lock_run_dir(run_dir: Path):
     """An exclusive OS lock on ``run_dir`` for the life of the run: the open lock file (keep it open; closing
     it, or the process's death, releases it, so a crashed run's folder is free again). Refused, naming the

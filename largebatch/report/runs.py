@@ -146,6 +146,8 @@ def optimizer_rank(name) -> tuple:
 def load_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir).resolve()
     cfg = read_config(run_dir)
+    if cfg is None:
+        raise FileNotFoundError(f"{run_dir} is not a run folder: it has no config.yaml (nor Hydra's .hydra/config.yaml)")
     plan = read_json(run_dir / PLAN) or []
     summary = read_json(run_dir / SUMMARY)
     recorded = read_json(run_dir / STATUS)
